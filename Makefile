@@ -1,0 +1,40 @@
+# The README's two commands are `make book` and `make test`; both set up .venv/ themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kalm-setup
+EXPERIMENTS := kgc kgqa lm similarity theorems
+
+.PHONY: setup book experiments test lint bench clean-book
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(PYTHON) $(VENV)
+	touch $(STAMP)
+
+# Runs every experiment notebook with papermill in the model's default profile (reusing finished
+# runs from the run store), then builds the book from the executed copies in book/experiments/.
+book: setup experiments
+	$(BIN)/jupyter-book build book/
+
+experiments: setup
+	@for nb in $(EXPERIMENTS); do \
+	  echo "== notebooks/$$nb.ipynb -> book/experiments/$$nb.ipynb"; \
+	  $(BIN)/python -m kalm.execute notebooks/$$nb.ipynb book/experiments/$$nb.ipynb || exit 1; \
+	done
+
+# Unit tests, notebooks in the smoke profile (nbval) and the book build with warnings as errors.
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest --nbval
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean-book:
+	rm -rf book/_build

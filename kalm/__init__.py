@@ -1,0 +1,36 @@
+"""KaLM: knowledge-graph alignment of causal language models, as a small reproducible library.
+
+Submodules are imported on first access (``kalm.data``, ``kalm.models`` …) so that
+``import kalm`` stays cheap and does not pull in torch until a submodule needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "analysis",
+    "config",
+    "data",
+    "evaluate",
+    "losses",
+    "models",
+    "plots",
+    "runs",
+    "theory",
+    "train",
+    "views",
+)
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'kalm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted((*globals(), *_SUBMODULES))

@@ -1,0 +1,120 @@
+"""Geometry of embedding sets: similarity matrices, alignment / uniformity, anisotropy, spectra.
+
+Pure functions of (n, d) embedding arrays or tensors. Rows are L2-normalised on entry (the
+paper's representation is a unit vector, and cosine geometry is what every quantity here is
+about), computations run in fp32 with fp64 reductions, and results are numpy values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+
+Embeddings = ArrayLike | torch.Tensor
+
+
+def _unit_rows(x: Embeddings, name: str = "x") -> NDArray[np.float32]:
+    """Rows of `x` as fp32 unit vectors; rejects non-matrices and zero rows (no direction)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty (n, d) matrix, got shape {arr.shape}.")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        rows = np.flatnonzero(norms[:, 0] == 0)[:5].tolist()
+        raise ValueError(f"{name}: rows {rows} are all-zero and have no direction; drop them.")
+    return arr / norms
+
+
+def _off_diagonal_mean(sim: NDArray[np.floating]) -> float:
+    n = sim.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 rows for off-diagonal statistics, got {n}.")
+    total = sim.sum(dtype=np.float64) - np.trace(sim, dtype=np.float64)
+    return float(total / (n * (n - 1)))
+
+
+def cosine_matrix(a: Embeddings, b: Embeddings) -> NDArray[np.float32]:
+    """Cosine similarity matrix S_ij = cos(a_i, b_j) of shape (len(a), len(b))."""
+    ua, ub = _unit_rows(a, "a"), _unit_rows(b, "b")
+    if ua.shape[1] != ub.shape[1]:
+        raise ValueError(f"a has dimension {ua.shape[1]} but b has {ub.shape[1]}; they must match.")
+    return ua @ ub.T
+
+
+def anisotropy(x: Embeddings) -> float:
+    """Mean cosine between distinct rows of x: ~0 for isotropic sets, ~1 when all rows agree."""
+    return _off_diagonal_mean(cosine_matrix(x, x))
+
+
+def diagonal_gap(sim: ArrayLike) -> float:
+    """Mean diagonal minus mean off-diagonal of a square similarity matrix.
+
+    With rows = head-relation views and columns = tail views, this is how much true pairs stand
+    out from the in-batch negatives (Figure 1 of the paper).
+    """
+    s = np.asarray(sim, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"diagonal_gap: expected a square matrix, got shape {s.shape}.")
+    return float(np.trace(s) / s.shape[0]) - _off_diagonal_mean(s)
+
+
+def alignment(x: Embeddings, y: Embeddings, alpha: float = 2.0) -> float:
+    """Wang & Isola alignment E ||f(x_i) - f(y_i)||^alpha over positive pairs; lower = better."""
+    ux, uy = _unit_rows(x, "x"), _unit_rows(y, "y")
+    if ux.shape != uy.shape:
+        raise ValueError(f"alignment: x {ux.shape} and y {uy.shape} must be row-paired.")
+    dist = np.linalg.norm(ux.astype(np.float64) - uy, axis=1)
+    return float(np.mean(dist**alpha))
+
+
+def uniformity(x: Embeddings, t: float = 2.0) -> float:
+    """Wang & Isola uniformity log E_{i<j} exp(-t ||f(x_i) - f(x_j)||^2); lower = more uniform.
+
+    Uses ||u - v||^2 = 2 - 2 cos(u, v) for unit vectors and a log-sum-exp for stability.
+    """
+    sim = cosine_matrix(x, x).astype(np.float64)
+    n = sim.shape[0]
+    if n < 2:
+        raise ValueError(f"uniformity: need at least 2 rows, got {n}.")
+    iu = np.triu_indices(n, k=1)
+    logits = -t * (2.0 - 2.0 * sim[iu])
+    top = logits.max()
+    return float(top + np.log(np.mean(np.exp(logits - top))))
+
+
+def spectrum(x: Embeddings) -> NDArray[np.float64]:
+    """Singular values (descending) of the UNCENTRED matrix of unit rows.
+
+    Uncentred on purpose: anisotropy is a shared mean direction, and centring would subtract
+    exactly that direction away. Uncentred, it shows up as a dominant first singular value.
+    """
+    return np.linalg.svd(_unit_rows(x).astype(np.float64), compute_uv=False)
+
+
+def top_component_share(x: Embeddings) -> float:
+    """s_1^2 / sum_k s_k^2: fraction of the energy on the dominant direction (1 for rank one).
+
+    For unit rows this is at least the mean of the Gram matrix (diagonal included), so an
+    anisotropic set necessarily has a large top share.
+    """
+    s = spectrum(x)
+    return float(s[0] ** 2 / np.sum(s**2))
+
+
+def summary(hr: Embeddings, t: Embeddings) -> dict[str, float]:
+    """All the above for a model's paired embeddings (row i of hr and t is one triple)."""
+    cross = cosine_matrix(hr, t)
+    return {
+        "alignment": alignment(hr, t),
+        "uniformity_hr": uniformity(hr),
+        "uniformity_t": uniformity(t),
+        "anisotropy_hr": anisotropy(hr),
+        "anisotropy_t": anisotropy(t),
+        "mean_cross_similarity": float(cross.mean(dtype=np.float64)),
+        "diagonal_gap": diagonal_gap(cross),
+        "top_share_hr": top_component_share(hr),
+        "top_share_t": top_component_share(t),
+    }

@@ -1,0 +1,262 @@
+"""Experiment configuration: the root ``_config.yml`` read into frozen, typed dataclasses.
+
+Every experiment is identified by a :class:`RunConfig` (model, dataset, profile, seed and all
+hyper-parameters). Validation happens here, once, so that a typo in a papermill parameter fails
+before any model is loaded, with a message that lists the valid values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "EvalConfig",
+    "ModelSpec",
+    "RunConfig",
+    "TrainConfig",
+    "config_path",
+    "load_config",
+    "resolve",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """An unknown name or a badly typed value in the configuration or a notebook parameter."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model's weights come from and which profile it runs by default."""
+
+    alias: str
+    source: str  # "gguf-package" (a GGUF file inside a pip package) or "hub" (hub id / local dir)
+    default_profile: str
+    hub_id: str = ""
+    package: str = ""
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a KaLM training run (PAPER.md section 2 in the ``paper`` profile).
+
+    Integer sizes use 0 for "no limit": ``max_steps: 0`` trains for ``epochs`` epochs,
+    ``train_subset: 0`` uses every training triple.
+    """
+
+    lr: float
+    weight_decay: float
+    batch_size: int
+    max_steps: int
+    epochs: float
+    lm_fraction: float
+    lam: float
+    tau: float
+    margin: float
+    learnable_tau: bool
+    self_negatives: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
+    max_entity_tokens: int
+    max_prompt_tokens: int
+    train_subset: int
+    gradient_checkpointing: bool
+    compile: bool
+    gather_negatives: bool
+    load_in_8bit: bool
+    checkpoint_every: int
+
+    @property
+    def lm_examples(self) -> int:
+        """Examples per batch that also get the triple-completion loss (recipe: 4 of 24)."""
+        return round(self.lm_fraction * self.batch_size)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation sizes. 0 means "everything" (all test queries, all entities as candidates)."""
+
+    test_queries: int
+    valid_queries: int
+    candidates: int
+    query_batch_size: int
+    entity_batch_size: int
+    kgqa_questions: int
+    kgqa_shots: int
+    kgqa_max_new_tokens: int
+    lm_tokens: int
+    lm_window: int
+    lm_stride: int
+    analysis_triples: int
+    analysis_sentences: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole root ``_config.yml``."""
+
+    default_model: str
+    models: Mapping[str, ModelSpec]
+    datasets: tuple[str, ...]
+    profiles: Mapping[str, Mapping[str, Any]]
+
+    def model(self, alias: str) -> ModelSpec:
+        """The spec of a model alias; an unknown alias lists the valid ones."""
+        return self.models[_choose(alias, self.models, "model")]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A fully resolved experiment: what to train and how to evaluate it."""
+
+    model: ModelSpec
+    dataset: str
+    profile: str
+    seed: int
+    train: TrainConfig
+    eval: EvalConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (written into every run directory)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def train_key(self) -> str:
+        """Hash of everything that determines the trained weights (not the evaluation sizes)."""
+        payload = {k: v for k, v in self.as_dict().items() if k != "eval"}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def config_path() -> Path:
+    """The experiment configuration: ``KALM_CONFIG``, else the repository's ``_config.yml``."""
+    return Path(os.environ.get("KALM_CONFIG", REPO_ROOT / "_config.yml"))
+
+
+def _choose(name: str, valid: Mapping[str, Any] | tuple[str, ...], what: str) -> str:
+    key = str(name).lower().replace("-", "")
+    options = {str(v).lower().replace("-", ""): v for v in valid}
+    if key not in options:
+        raise ConfigError(f"unknown {what} {name!r}; valid {what}s: {', '.join(map(str, valid))}")
+    return options[key]
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Coerce ``value`` to ``hint`` where lossless (int -> float, list -> tuple) or raise."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{where} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Construct dataclass ``cls`` from ``data``, checking names and types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {', '.join(names)}")
+    required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing field(s) {missing}")
+    values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate the experiment configuration file."""
+    path = Path(path) if path is not None else config_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found; set KALM_CONFIG") from None
+    models = {
+        alias: _build(ModelSpec, {"alias": alias, **spec}, f"{path}: models.{alias}")
+        for alias, spec in raw["models"].items()
+    }
+    profiles = raw["profiles"]
+    for name, prof in profiles.items():
+        _build(TrainConfig, prof["train"], f"{path}: profiles.{name}.train")
+        _build(EvalConfig, prof["eval"], f"{path}: profiles.{name}.eval")
+    for alias, spec in models.items():
+        _choose(spec.default_profile, profiles, f"profile (models.{alias}.default_profile)")
+    config = Config(
+        default_model=raw["default_model"],
+        models=types.MappingProxyType(models),
+        datasets=tuple(raw["datasets"]),
+        profiles=types.MappingProxyType(profiles),
+    )
+    config.model(config.default_model)
+    return config
+
+
+def resolve(
+    model: str = "smollm2",
+    dataset: str = "wn18rr",
+    profile: str = "auto",
+    seed: int = 0,
+    config: Config | None = None,
+    **overrides: Any,
+) -> RunConfig:
+    """Resolve notebook parameters into a :class:`RunConfig`.
+
+    ``profile="auto"`` takes ``KALM_PROFILE`` from the environment if set, else the model's default
+    profile. ``overrides`` may name any field of :class:`TrainConfig` or :class:`EvalConfig`
+    (e.g. ``lam=0.1``); ``None`` values are ignored so notebooks can pass optional parameters.
+    """
+    config = config or load_config()
+    spec = config.model(model)
+    dataset = _choose(dataset, config.datasets, "dataset")
+    if profile == "auto":
+        profile = os.environ.get("KALM_PROFILE") or spec.default_profile
+    profile = _choose(profile, config.profiles, "profile")
+    seed = _check_type(seed, int, "seed")
+    train_fields = {f.name for f in fields(TrainConfig)}
+    eval_fields = {f.name for f in fields(EvalConfig)}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(overrides) - train_fields - eval_fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter(s) {unknown}; "
+            f"valid: {', '.join(sorted(train_fields | eval_fields))}"
+        )
+    prof = config.profiles[profile]
+    train = {**prof["train"], **{k: v for k, v in overrides.items() if k in train_fields}}
+    ev = {**prof["eval"], **{k: v for k, v in overrides.items() if k in eval_fields}}
+    return RunConfig(
+        model=spec,
+        dataset=dataset,
+        profile=profile,
+        seed=seed,
+        train=_build(TrainConfig, train, f"profile {profile}: train"),
+        eval=_build(EvalConfig, ev, f"profile {profile}: eval"),
+    )

@@ -1,0 +1,78 @@
+"""Figure helpers with one consistent style, so every figure of the book looks alike."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+
+PALETTE = "colorblind"
+"""Seaborn palette used for every categorical colour in the book."""
+
+HEATMAP_CMAP = "rocket_r"
+"""Sequential colour map for similarity matrices (dark = similar)."""
+
+
+def set_style() -> None:
+    """Apply the book's plotting style: seaborn whitegrid, notebook context, fixed palette."""
+    sns.set_theme(style="whitegrid", context="notebook", palette=PALETTE)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "savefig.bbox": "tight"})
+
+
+def similarity_heatmaps(
+    mats: Mapping[str, np.ndarray],
+    *,
+    vmin: float = -1.0,
+    vmax: float = 1.0,
+    cmap: str = HEATMAP_CMAP,
+    suptitle: str | None = None,
+    panel_size: float = 3.4,
+) -> Figure:
+    """Side-by-side heatmaps of similarity matrices sharing ONE colour scale and ONE colorbar.
+
+    A shared scale is what makes "base vs aligned" panels comparable at a glance; the keys of
+    `mats` are the panel titles.
+    """
+    if not mats:
+        raise ValueError("similarity_heatmaps: `mats` is empty; pass at least one named matrix.")
+    n = len(mats)
+    fig = plt.figure(figsize=(panel_size * n + 0.6, panel_size), layout="constrained")
+    grid = fig.add_gridspec(1, n + 1, width_ratios=[1.0] * n + [0.05])
+    cax = fig.add_subplot(grid[0, n])
+    for i, (title, mat) in enumerate(mats.items()):
+        ax = fig.add_subplot(grid[0, i])
+        sns.heatmap(
+            np.asarray(mat, dtype=np.float32),
+            ax=ax,
+            vmin=vmin,
+            vmax=vmax,
+            cmap=cmap,
+            square=True,
+            cbar=i == n - 1,
+            cbar_ax=cax if i == n - 1 else None,
+            xticklabels=False,
+            yticklabels=False,
+        )
+        ax.set_title(title)
+    cax.set_ylabel("cosine similarity")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def spectrum_plot(spectra: Mapping[str, np.ndarray], *, top: int = 50) -> Figure:
+    """Normalised singular-value spectra (s_k / s_1, log scale) of several embedding sets.
+
+    A steep drop after the first value is the signature of anisotropy (one dominant direction);
+    a flatter curve means the representation uses more directions.
+    """
+    fig, ax = plt.subplots(figsize=(5.0, 3.4), layout="constrained")
+    for name, s in spectra.items():
+        s = np.asarray(s, dtype=np.float64)[:top]
+        ax.plot(np.arange(1, len(s) + 1), s / s[0], marker=".", label=name)
+    ax.set(xlabel="component k", ylabel="$s_k / s_1$", yscale="log")
+    ax.legend()
+    return fig

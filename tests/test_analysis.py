@@ -1,0 +1,148 @@
+"""Hand-computed values and invariances of kalm.analysis, and the shared figure helpers."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from kalm import analysis, plots
+
+finite = st.floats(-3, 3, allow_nan=False, width=32)
+
+
+def nonzero_rows(min_n: int = 2, max_n: int = 8, d: int = 4):
+    """(n, d) arrays whose rows all have a direction."""
+    return st.integers(min_n, max_n).flatmap(
+        lambda n: arrays(np.float32, (n, d), elements=finite).filter(
+            lambda a: bool(np.all(np.linalg.norm(a, axis=1) > 1e-2))
+        )
+    )
+
+
+def test_cosine_matrix_hand_value_and_scale_invariance():
+    a = np.array([[2.0, 0.0], [0.0, -3.0]])
+    b = np.array([[1.0, 1.0]])
+    np.testing.assert_allclose(
+        analysis.cosine_matrix(a, b), [[1 / math.sqrt(2)], [-1 / math.sqrt(2)]], rtol=1e-6
+    )
+
+
+def test_orthonormal_vectors():
+    x = np.eye(5)
+    assert analysis.anisotropy(x) == pytest.approx(0.0)
+    # every distinct pair is at squared distance 2 -> log exp(-2t)
+    assert analysis.uniformity(x, t=2) == pytest.approx(-4.0)
+    assert analysis.uniformity(x, t=0.5) == pytest.approx(-1.0)
+    np.testing.assert_allclose(analysis.spectrum(x), np.ones(5))
+    assert analysis.top_component_share(x) == pytest.approx(1 / 5)
+    shifted = np.roll(x, 1, axis=0)  # pairs e_i with another basis vector: squared distance 2
+    assert analysis.alignment(x, shifted) == pytest.approx(2.0)
+    assert analysis.alignment(x, shifted, alpha=1) == pytest.approx(math.sqrt(2))
+
+
+def test_identical_vectors():
+    x = np.tile([[0.6, 0.8, 0.0]], (4, 1))
+    assert analysis.anisotropy(x) == pytest.approx(1.0)
+    assert analysis.alignment(x, 3 * x) == pytest.approx(0.0, abs=1e-12)
+    assert analysis.uniformity(x) == pytest.approx(0.0, abs=1e-6)
+    assert analysis.top_component_share(x) == pytest.approx(1.0)
+
+
+def test_uniformity_known_configuration():
+    # e1, e1, e2: squared distances 0, 2, 2 over the three distinct pairs
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    expected = math.log((1 + 2 * math.exp(-4.0)) / 3)
+    assert analysis.uniformity(x, t=2) == pytest.approx(expected, rel=1e-6)
+    # antipodal pair: squared distance 4
+    assert analysis.uniformity(np.array([[0.0, 1.0], [0.0, -1.0]]), t=2) == pytest.approx(-8.0)
+
+
+def test_rank_one_matrix_has_top_share_one():
+    v = np.array([1.0, -2.0, 0.5, 3.0])
+    x = np.outer([1.0, -2.0, 0.3, 5.0], v)  # rows are +- multiples of v
+    assert analysis.top_component_share(x) == pytest.approx(1.0)
+    s = analysis.spectrum(x)
+    assert s[0] == pytest.approx(2.0)  # four unit rows on one line: s1^2 = 4
+    np.testing.assert_allclose(s[1:], 0.0, atol=1e-6)
+
+
+def test_diagonal_gap_hand_value():
+    sim = np.array([[1.0, 0.2], [0.4, 0.8]])
+    assert analysis.diagonal_gap(sim) == pytest.approx(0.9 - 0.3)
+
+
+def test_accepts_torch_tensors():
+    x = torch.eye(3, requires_grad=True)
+    assert analysis.anisotropy(x) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: analysis.anisotropy(np.array([[1.0, 0.0], [0.0, 0.0]])), "all-zero"),
+        (lambda: analysis.anisotropy(np.ones(3)), r"\(n, d\) matrix"),
+        (lambda: analysis.diagonal_gap(np.ones((2, 3))), "square"),
+        (lambda: analysis.alignment(np.eye(3), np.eye(2)), "row-paired"),
+        (lambda: analysis.cosine_matrix(np.eye(3), np.eye(2)), "dimension"),
+    ],
+)
+def test_errors_name_the_problem(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@settings(max_examples=40, deadline=None)
+@given(nonzero_rows())
+def test_invariances_and_bounds(x):
+    n = x.shape[0]
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(x.shape[1], x.shape[1])))
+    scaled = x * rng.uniform(0.5, 2.0, size=(n, 1)).astype(np.float32)
+    perm = rng.permutation(n)
+    for f in (analysis.anisotropy, analysis.uniformity, analysis.top_component_share):
+        base = f(x)
+        assert f(x @ q) == pytest.approx(base, abs=1e-4)  # rotation
+        assert f(scaled) == pytest.approx(base, abs=1e-4)  # row scale
+        assert f(x[perm]) == pytest.approx(base, abs=1e-4)  # order
+    assert -1 / (n - 1) - 1e-5 <= analysis.anisotropy(x) <= 1 + 1e-5
+    assert -8 - 1e-5 <= analysis.uniformity(x) <= 1e-5  # squared distances lie in [0, 4]
+    # the top share bounds the mean Gram entry (diagonal included) from above
+    gram_mean = (analysis.anisotropy(x) * (n - 1) + 1) / n
+    assert analysis.top_component_share(x) >= gram_mean - 1e-5
+
+
+def test_summary_is_consistent():
+    rng = np.random.default_rng(1)
+    hr = rng.normal(size=(10, 6))
+    t = hr + 0.1 * rng.normal(size=(10, 6))
+    out = analysis.summary(hr, t)
+    assert out["alignment"] == pytest.approx(analysis.alignment(hr, t))
+    assert out["anisotropy_t"] == pytest.approx(analysis.anisotropy(t))
+    assert out["diagonal_gap"] > 0.5  # near-copies stand out from the other rows
+    assert all(isinstance(v, float) for v in out.values())
+
+
+def test_similarity_heatmaps_share_one_scale():
+    rng = np.random.default_rng(0)
+    mats = {
+        "base": analysis.cosine_matrix(rng.normal(size=(6, 3)), rng.normal(size=(6, 3))),
+        "tuned": np.eye(6),
+    }
+    fig = plots.similarity_heatmaps(mats, vmin=-0.5, vmax=1.0)
+    heat_axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in heat_axes] == ["base", "tuned"]
+    assert len(fig.axes) == 3  # two panels + one colorbar
+    assert all(ax.collections[0].get_clim() == (-0.5, 1.0) for ax in heat_axes)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="empty"):
+        plots.similarity_heatmaps({})
+    fig = plots.spectrum_plot({"base": analysis.spectrum(rng.normal(size=(8, 4)))})
+    assert fig.axes[0].get_yscale() == "log"
+    plt.close(fig)
