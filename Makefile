@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kalm-setup
-EXPERIMENTS := kgc kgqa lm similarity theorems
 
 .PHONY: setup book experiments test lint bench clean-book
 
@@ -20,10 +19,7 @@ book: setup experiments
 	$(BIN)/jupyter-book build book/
 
 experiments: setup
-	@for nb in $(EXPERIMENTS); do \
-	  echo "== notebooks/$$nb.ipynb -> book/experiments/$$nb.ipynb"; \
-	  $(BIN)/python -m kalm.execute notebooks/$$nb.ipynb book/experiments/$$nb.ipynb || exit 1; \
-	done
+	$(BIN)/python -m kalm.execute
 
 # Unit tests, notebooks in the smoke profile (nbval) and the book build with warnings as errors.
 test: setup

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
 
 os.environ.setdefault("KALM_PROFILE", "smoke")
 _shared = ROOT.parent / "shared" / "data"

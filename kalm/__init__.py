@@ -18,6 +18,7 @@ _SUBMODULES = (
     "evaluate",
     "losses",
     "models",
+    "paper",
     "plots",
     "runs",
     "theory",

@@ -199,6 +199,14 @@ def load_config(path: str | Path | None = None) -> Config:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} not found; set KALM_CONFIG") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    expected = ("default_model", "models", "datasets", "profiles")
+    if not isinstance(raw, dict) or any(k not in raw for k in expected):
+        raise ConfigError(f"{path} must be a mapping with the keys {', '.join(expected)}")
+    for name, prof in raw["profiles"].items():
+        if not isinstance(prof, dict) or {"train", "eval"} - set(prof):
+            raise ConfigError(f"{path}: profiles.{name} needs a `train` and an `eval` section")
     models = {
         alias: _build(ModelSpec, {"alias": alias, **spec}, f"{path}: models.{alias}")
         for alias, spec in raw["models"].items()
@@ -208,14 +216,14 @@ def load_config(path: str | Path | None = None) -> Config:
         _build(TrainConfig, prof["train"], f"{path}: profiles.{name}.train")
         _build(EvalConfig, prof["eval"], f"{path}: profiles.{name}.eval")
     for alias, spec in models.items():
-        _choose(spec.default_profile, profiles, f"profile (models.{alias}.default_profile)")
+        _choose(spec.default_profile, profiles, f"profile ({path}: models.{alias}.default_profile)")
     config = Config(
         default_model=raw["default_model"],
         models=types.MappingProxyType(models),
         datasets=tuple(raw["datasets"]),
         profiles=types.MappingProxyType(profiles),
     )
-    config.model(config.default_model)
+    _choose(config.default_model, models, f"model ({path}: default_model)")
     return config
 
 

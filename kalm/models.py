@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -101,7 +101,10 @@ def _resolve_source(alias_or_path: str | Path) -> tuple[str | Path, ModelSpec | 
     """A local directory is used as is; otherwise the alias is looked up in the configuration."""
     if Path(alias_or_path).is_dir():
         return Path(alias_or_path), None
-    spec = load_config().model(str(alias_or_path))
+    config = load_config()
+    if str(alias_or_path) not in config.models and "/" in str(alias_or_path):
+        return str(alias_or_path), None  # a hub id (or a local path that does not exist)
+    spec = config.model(str(alias_or_path))
     if spec.source == "gguf-package":
         return _converted_dir(spec), spec
     return spec.hub_id, spec

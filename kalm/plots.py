@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
@@ -75,4 +76,34 @@ def spectrum_plot(spectra: Mapping[str, np.ndarray], *, top: int = 50) -> Figure
         ax.plot(np.arange(1, len(s) + 1), s / s[0], marker=".", label=name)
     ax.set(xlabel="component k", ylabel="$s_k / s_1$", yscale="log")
     ax.legend()
+    return fig
+
+
+def alignment_uniformity_plot(points: pd.DataFrame) -> Figure:
+    """Wang & Isola alignment (x) against uniformity (y), one marker per row of `points`.
+
+    `points` needs the columns ``model``, ``view``, ``alignment`` and ``uniformity``; colour
+    encodes the model and marker shape the view. Both quantities are "lower is better", so a
+    representation that improves moves towards the lower left corner (marked by an arrow).
+    """
+    missing = {"model", "view", "alignment", "uniformity"} - set(points.columns)
+    if missing:
+        raise ValueError(
+            f"alignment_uniformity_plot: `points` lacks the columns {sorted(missing)}; "
+            f"it has {list(points.columns)}."
+        )
+    fig, ax = plt.subplots(figsize=(5.0, 3.8), layout="constrained")
+    sns.scatterplot(
+        data=points, x="alignment", y="uniformity", hue="model", style="view", s=90, ax=ax
+    )
+    ax.annotate(
+        "better",
+        xy=(0.04, 0.06),
+        xytext=(0.24, 0.26),
+        xycoords="axes fraction",
+        arrowprops={"arrowstyle": "->", "color": "grey"},
+        color="grey",
+    )
+    ax.set(xlabel="alignment (lower = positives closer)", ylabel="uniformity (lower = spread)")
+    ax.margins(0.25)
     return fig

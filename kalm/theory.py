@@ -6,6 +6,7 @@ so lowering the loss lowers the mean cross-view similarity; for similarities in 
 Sum(W)/n <= sigma_max(W) <= sqrt(Sum(W)) ties the top of the spectrum to that mean.
 
 Generative model used throughout (documented so the checks are reproducible):
+
 - anchors `hr` are uniform on the unit sphere S^{d-1};
 - positives are `t+ = normalise(hr + noise * g)` with g ~ N(0, I_d / d), so ||noise * g|| ~ noise;
 - negatives are `t- = normalise(strength * e_0 + g)` with g ~ N(0, I_d / d): an anisotropic

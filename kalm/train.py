@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft import set_peft_model_state_dict as _set_adapter
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from kalm.config import RunConfig, TrainConfig

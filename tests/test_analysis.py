@@ -6,6 +6,7 @@ import math
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from kalm import analysis, plots
+from kalm.data import KnowledgeGraph
+from kalm.models import encode
+from kalm.views import ViewBuilder
 
 finite = st.floats(-3, 3, allow_nan=False, width=32)
 
@@ -146,3 +150,91 @@ def test_similarity_heatmaps_share_one_scale():
     fig = plots.spectrum_plot({"base": analysis.spectrum(rng.normal(size=(8, 4)))})
     assert fig.axes[0].get_yscale() == "log"
     plt.close(fig)
+
+
+def test_alignment_uniformity_plot_one_marker_per_row():
+    points = pd.DataFrame(
+        {
+            "model": ["untuned", "untuned", "KaLM", "KaLM"],
+            "view": ["hr", "t", "hr", "t"],
+            "alignment": [1.2, 1.2, 0.4, 0.4],
+            "uniformity": [-0.5, -0.7, -2.0, -2.5],
+        }
+    )
+    fig = plots.alignment_uniformity_plot(points)
+    offsets = np.concatenate([c.get_offsets() for c in fig.axes[0].collections])
+    assert sorted(map(tuple, offsets.tolist())) == sorted(
+        zip(points["alignment"], points["uniformity"], strict=True)
+    )
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"lacks the columns \['view'\]"):
+        plots.alignment_uniformity_plot(points.drop(columns="view"))
+
+
+def test_stats_sample_size():
+    assert analysis.stats_sample_size("smoke", 8) == 8
+    assert analysis.stats_sample_size("cpu", 32) == analysis.STABLE_SAMPLE
+    assert analysis.stats_sample_size("paper", 1000) == 1000
+
+
+@pytest.fixture(scope="module")
+def tiny_views() -> tuple[torch.nn.Module, ViewBuilder]:
+    """A one-layer random Llama over a word-level vocabulary, and a 4-entity graph."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["[", "]", "{", "}", ",", "<pad>", "cat", "dog", "animal", "pet", "a", "small"]
+    words += ["one", "hypernym", "similar", "to"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>")
+    no_triples = np.zeros((0, 3), dtype=np.int64)
+    kg = KnowledgeGraph(
+        name="tiny",
+        entity_ids=("0", "1", "2", "3"),
+        entity_names=("cat", "dog", "animal", "pet"),
+        entity_descriptions=("a small one", "", "", "a small animal"),
+        relation_ids=("_hypernym", "_similar_to"),
+        relation_texts=("hypernym", "similar to"),
+        inverse_relation_texts=("hypernym", "similar to"),
+        train=no_triples,
+        valid=no_triples,
+        test=no_triples,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=words.index("<pad>"),
+    )
+    return LlamaForCausalLM(config).eval(), ViewBuilder(kg, tokenizer, max_entity_tokens=8)
+
+
+def test_triple_embeddings_pairs_rows_with_triples(tiny_views):
+    model, views = tiny_views
+    triples = np.array([[0, 0, 2], [3, 1, 1], [1, 2, 0], [2, 3, 3]])
+    hr, t = analysis.triple_embeddings(model, views, triples, batch_size=2, progress=False)
+    assert hr.shape == t.shape == (4, 16)
+    torch.testing.assert_close(hr.norm(dim=1), torch.ones(4))
+    # row i is the encoding of triple i's own view texts, whatever order the encoder batches in
+    texts_hr = [views.hr_text(h, r) for h, r, _ in triples]
+    texts_t = [views.tail_text(e) for e in triples[:, 2]]
+    torch.testing.assert_close(hr, encode(model, views.tokenizer, texts_hr), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t, encode(model, views.tokenizer, texts_t), atol=1e-5, rtol=0)
+    assert not torch.allclose(hr[0], hr[1])  # different texts, different embeddings
+    perm = [2, 0, 3, 1]
+    hr_p, t_p = analysis.triple_embeddings(model, views, triples[perm], progress=False)
+    torch.testing.assert_close(hr_p, hr[perm], atol=1e-5, rtol=0)
+    torch.testing.assert_close(t_p, t[perm], atol=1e-5, rtol=0)
+
+
+def test_triple_embeddings_rejects_non_triples(tiny_views):
+    model, views = tiny_views
+    with pytest.raises(ValueError, match=r"\(n, 3\).*\(2, 2\)"):
+        analysis.triple_embeddings(model, views, np.zeros((2, 2), dtype=np.int64))

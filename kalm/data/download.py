@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from kalm.data.errors import DataError
 

@@ -59,9 +59,8 @@ def entity_index(
     progress: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """Tail-view embeddings of ``candidates`` (cached in ``run``) and seconds spent encoding."""
-    digest = hashlib.sha256(candidates.astype(np.int64).tobytes()).hexdigest()[:10]
-    texts = "\n".join(views.tail_text(int(e)) for e in candidates[:50])
-    digest += hashlib.sha256(texts.encode()).hexdigest()[:6]
+    texts = "\n".join(views.tail_text(int(e)) for e in candidates)
+    digest = hashlib.sha256(texts.encode()).hexdigest()[:16]
     seconds = 0.0
 
     def compute() -> torch.Tensor:

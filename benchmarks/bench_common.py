@@ -1,0 +1,190 @@
+"""Shared benchmark plumbing: timing, machine-load accounting, memory, result files.
+
+The machine is shared, so every measurement records how much CPU *other* processes used while it
+ran (from ``/proc/stat`` minus this process), besides the load average: a number measured while
+another job held a core is not a property of the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kalm.config import resolve
+from kalm.data import KnowledgeGraph, load_kg
+from kalm.models import load_model
+from kalm.train import Trainer
+from kalm.views import ViewBuilder
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2
+
+
+def best_time(fn: Callable[[], object], *, repeats: int, min_seconds: float = 0.0) -> float:
+    """Fastest of ``repeats`` timings of ``fn`` (seconds per call).
+
+    A repeat calls ``fn`` enough times to last ``min_seconds``, so short kernels are not
+    dominated by timer resolution; the best repeat is the one least disturbed by other jobs.
+    """
+    best = float("inf")
+    for _ in range(repeats):
+        calls, started = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_seconds:
+                break
+        best = min(best, elapsed / calls)
+    return best
+
+
+def _busy_ticks() -> int:
+    """Busy jiffies of the whole machine (all CPUs) since boot."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_ticks() -> int:
+    """Jiffies used by this process and its finished children."""
+    stat = Path("/proc/self/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+
+
+@dataclass
+class Load:
+    """Load of the machine over one measurement: load averages and other processes' CPU use."""
+
+    loadavg_before: tuple[float, ...] = ()
+    loadavg_after: tuple[float, ...] = ()
+    foreign_cpu_cores: float = 0.0
+    seconds: float = 0.0
+    _start: tuple[float, int, int] = field(default=(0.0, 0, 0), repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "loadavg_before": list(self.loadavg_before),
+            "loadavg_after": list(self.loadavg_after),
+            "foreign_cpu_cores": round(self.foreign_cpu_cores, 3),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@contextmanager
+def measure_load() -> Iterator[Load]:
+    """Record load averages and the mean number of cores busy with *other* processes."""
+    load = Load(loadavg_before=os.getloadavg())
+    start = (time.perf_counter(), _busy_ticks(), _own_ticks())
+    yield load
+    elapsed = time.perf_counter() - start[0]
+    ticks = os.sysconf("SC_CLK_TCK")
+    foreign = (_busy_ticks() - start[1]) - (_own_ticks() - start[2])
+    load.loadavg_after = os.getloadavg()
+    load.seconds = elapsed
+    load.foreign_cpu_cores = max(0.0, foreign / ticks / max(elapsed, 1e-9))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on besides the code."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
+
+
+def save(name: str, quick: bool, payload: dict[str, Any], load: Load) -> Path:
+    """Write ``results/<name>.json`` (``<name>.quick.json`` for quick runs) and return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}{'.quick' if quick else ''}.json"
+    record = {
+        "benchmark": name,
+        "quick": quick,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load": load.as_dict(),
+        "under_load": load.foreign_cpu_cores > 0.25 or load.loadavg_before[0] >= 1.0,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "environment": environment(),
+        **payload,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def wait_until_quiet(threshold: float, poll_seconds: float, max_seconds: float) -> bool:
+    """Poll the 1-minute load average until it drops below ``threshold``; False on time-out."""
+    deadline = time.monotonic() + max_seconds
+    while True:
+        now = os.getloadavg()[0]
+        if now < threshold:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        print(f"load average {now:.2f} >= {threshold}: waiting ({remaining / 60:.0f} min left)")
+        time.sleep(min(poll_seconds, remaining))
+
+
+class Workload:
+    """The real model, tokenizer, graph and ``cpu`` profile, loaded once on first use."""
+
+    def __init__(self, peak_gflops: float):
+        self.peak_gflops = peak_gflops
+        self.cfg = resolve(profile="cpu")
+
+    @cached_property
+    def model_and_tokenizer(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        return load_model(self.cfg.model.alias)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.model_and_tokenizer[0]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.model_and_tokenizer[1]
+
+    @cached_property
+    def kg(self) -> KnowledgeGraph:
+        return load_kg(self.cfg.dataset)
+
+    @cached_property
+    def views(self) -> ViewBuilder:
+        return ViewBuilder(self.kg, self.tokenizer, self.cfg.train.max_entity_tokens)
+
+    @cached_property
+    def trainer(self) -> Trainer:
+        """A ``cpu``-profile trainer on a fresh copy of the model (LoRA wraps it in place)."""
+        model, tokenizer = load_model(self.cfg.model.alias)
+        run_dir = Path(tempfile.mkdtemp(prefix="kalm-bench-"))  # Trainer writes only in fit()
+        return Trainer(model, tokenizer, self.kg, self.cfg, run_dir)
+
+    def mfu(self, flops: float, seconds: float) -> float:
+        """Model FLOP utilisation against this run's measured matmul peak."""
+        return flops / seconds / (self.peak_gflops * 1e9)

@@ -1,0 +1,160 @@
+"""A full KaLM training step in the ``cpu`` profile, and its work compared with the recipe.
+
+FLOPs follow :mod:`kalm.flops`: every pass costs ``2 P`` per real token forward; passes with
+gradient (hr view, tail view, LM prompt) cost the same again for input gradients through the
+frozen base weights; the self-negative view runs without gradient; the LM head runs at response
+positions only (forward + input gradient); LoRA adapters are counted separately (3x forward
+with gradient).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from bench_common import Workload
+
+from kalm.config import resolve
+from kalm.flops import PassTokens, StepFlops, kalm_step_flops, recipe_step_flops
+from kalm.train import Trainer
+from kalm.views import iterate_batches
+
+
+def pass_tokens(trainer: Trainer, batch: np.ndarray) -> tuple[PassTokens, int]:
+    """Real token counts of each pass of one step, and the padded total actually computed."""
+    tcfg, views = trainer.tcfg, trainer.views
+    heads, rels, tails = (c.tolist() for c in trainer.examples[batch].T)
+    hr, tail = views.hr_ids(heads, rels), views.tail_ids(tails)
+    own = views.tail_ids(heads) if tcfg.self_negatives else []
+    k = tcfg.lm_examples if tcfg.lam > 0 else 0
+    rows, plens = (
+        views.completion_ids(heads[:k], rels[:k], tails[:k], tcfg.max_prompt_tokens)
+        if k
+        else ([], [])
+    )
+    passes = (hr, tail, own, rows)
+    padded = sum(len(p) * max(map(len, p)) for p in passes if p)
+    tokens = PassTokens(
+        hr=sum(map(len, hr)),
+        tail=sum(map(len, tail)),
+        self_negative=sum(map(len, own)),
+        lm=sum(map(len, rows)),
+        response=sum(len(r) - p for r, p in zip(rows, plens, strict=True)),
+    )
+    return tokens, padded
+
+
+def _step_flops(trainer: Trainer, tokens: PassTokens, recipe: bool = False) -> StepFlops:
+    tcfg = trainer.tcfg
+    count = recipe_step_flops if recipe else kalm_step_flops
+    return count(trainer.peft_model.config, tokens, tcfg.lora_targets, tcfg.lora_r)
+
+
+def one_step(trainer: Trainer, batch: np.ndarray) -> dict[str, float]:
+    """Run one optimiser step; seconds spent in forward+loss, backward and the optimiser."""
+    t0 = time.perf_counter()
+    parts = trainer.loss(batch)
+    t1 = time.perf_counter()
+    trainer.accelerator.backward(parts["total"])
+    t2 = time.perf_counter()
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
+
+
+def run(w: Workload, quick: bool) -> dict[str, Any]:
+    """Triples/s and MFU over a few steps (after one warm-up step)."""
+    trainer = w.trainer
+    trainer.module.train()
+    steps = 2 if quick else 6
+    batches = iterate_batches(trainer.lengths, trainer.tcfg.batch_size, trainer.cfg.seed)
+    one_step(trainer, next(batches)[1])
+    rows = []
+    for _ in range(steps):
+        batch = next(batches)[1]
+        tokens, padded = pass_tokens(trainer, batch)
+        seconds = one_step(trainer, batch)
+        flops = _step_flops(trainer, tokens)
+        rows.append(
+            {
+                "triples": len(batch),
+                "seconds": {k: round(v, 3) for k, v in seconds.items()},
+                "tokens": vars(tokens),
+                "padded_tokens": padded,
+                "flops": {"body": flops.body, "lm_head": flops.lm_head, "lora": flops.lora},
+                "mfu": round(w.mfu(flops.total, seconds["total"]), 4),
+            }
+        )
+        print(
+            f"  step: {seconds['total']:.2f} s (fwd {seconds['forward']:.2f}, "
+            f"bwd {seconds['backward']:.2f}, opt {seconds['optimizer']:.2f}), "
+            f"MFU {rows[-1]['mfu']:.1%}"
+        )
+    seconds = sum(r["seconds"]["total"] for r in rows)
+    triples = sum(r["triples"] for r in rows)
+    flops_all = sum(sum(r["flops"].values()) for r in rows)
+    flops_no_lora = sum(r["flops"]["body"] + r["flops"]["lm_head"] for r in rows)
+    real = sum(sum(r["tokens"][k] for k in ("hr", "tail", "self_negative", "lm")) for r in rows)
+    padded = sum(r["padded_tokens"] for r in rows)
+    return {
+        "batch_size": trainer.tcfg.batch_size,
+        "steps": rows,
+        "triples_per_s": round(triples / seconds, 2),
+        "mfu": round(w.mfu(flops_all, seconds), 4),
+        "mfu_without_lora": round(w.mfu(flops_no_lora, seconds), 4),
+        "padding_fraction": round((padded - real) / padded, 4),
+        "flops_formula": (__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    }
+
+
+def recipe(w: Workload, quick: bool) -> dict[str, Any]:
+    """FLOPs per triple of this library's step vs the released recipe's, on the same batches."""
+    trainer = w.trainer
+    count = 5 if quick else 50
+    batches = iterate_batches(trainer.lengths, trainer.tcfg.batch_size, trainer.cfg.seed)
+    paper = resolve(profile="paper").train
+    ours = theirs = no_self = paper_lora = 0
+    ours_parts = {"body": 0, "lm_head": 0, "lora": 0}
+    theirs_parts = dict(ours_parts)
+    triples = 0
+    for _ in range(count):
+        batch = next(batches)[1]
+        tokens, _ = pass_tokens(trainer, batch)
+        a, b = _step_flops(trainer, tokens), _step_flops(trainer, tokens, recipe=True)
+        ours, theirs, triples = ours + a.total, theirs + b.total, triples + len(batch)
+        no_self += _step_flops(trainer, replace(tokens, self_negative=0)).total
+        paper_lora += recipe_step_flops(
+            trainer.peft_model.config, tokens, paper.lora_targets, paper.lora_r
+        ).total
+        for part in ours_parts:
+            ours_parts[part] += getattr(a, part)
+            theirs_parts[part] += getattr(b, part)
+    ratio = ours / theirs
+    print(
+        f"  per triple: ours {ours / triples / 1e9:.2f} GFLOP, "
+        f"recipe {theirs / triples / 1e9:.2f} GFLOP, ratio {ratio:.3f}"
+    )
+    return {
+        "batches": count,
+        "triples": triples,
+        "gflop_per_triple": round(ours / triples / 1e9, 3),
+        "recipe_gflop_per_triple": round(theirs / triples / 1e9, 3),
+        "ratio": round(ratio, 4),
+        "what_if": {
+            "ratio_if_self_negatives_came_from_a_cache": round(no_self / theirs, 4),
+            "ratio_vs_recipe_with_its_own_lora_r8_mlp": round(ours / paper_lora, 4),
+        },
+        "gflop_per_triple_by_part": {k: round(v / triples / 1e9, 3) for k, v in ours_parts.items()},
+        "recipe_gflop_per_triple_by_part": {
+            k: round(v / triples / 1e9, 3) for k, v in theirs_parts.items()
+        },
+        "note": (
+            "same batches, same LM-example count and LoRA configuration for both; the recipe runs "
+            "the head-only view with gradient and computes vocabulary logits at every position "
+            "of every pass (backward through them only for the LM prompt)"
+        ),
+    }

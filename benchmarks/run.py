@@ -1,0 +1,187 @@
+"""Throughput and MFU benchmarks of kalm against a matmul peak measured in the same run.
+
+    .venv/bin/python benchmarks/run.py                 # everything (waits for a quiet machine)
+    .venv/bin/python benchmarks/run.py --quick         # small sizes, no waiting
+    .venv/bin/python benchmarks/run.py --only training # one benchmark (plus the peak)
+    .venv/bin/python benchmarks/run.py --full-eval     # really run the full WN18RR evaluation
+
+Each benchmark prints its numbers and writes ``benchmarks/results/<name>.json`` (``.quick.json``
+for ``--quick``) with the load of the machine while it ran; ``summary.json`` holds the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from bench_common import THREADS, Workload, measure_load, save, wait_until_quiet
+
+BENCHMARKS = ("peak", "encoding", "compile", "training", "recipe", "evaluation")
+QUIET_LOAD = 1.0
+
+
+def _runners(w: Workload, args: argparse.Namespace) -> dict[str, Callable[[], dict[str, Any]]]:
+    import bench_compile
+    import bench_encoding
+    import bench_evaluation
+    import bench_training
+
+    batch = w.cfg.eval.entity_batch_size
+    return {
+        "encoding": lambda: bench_encoding.run(w, args.quick),
+        "compile": lambda: bench_compile.run(batch, args.quick, args.compile_limit),
+        "training": lambda: bench_training.run(w, args.quick),
+        "recipe": lambda: bench_training.recipe(w, args.quick),
+        "evaluation": lambda: (
+            bench_evaluation.full(w) if args.full_eval else bench_evaluation.estimate(w, args.quick)
+        ),
+    }
+
+
+def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The project's performance targets against what this run measured."""
+    rows = []
+
+    def add(name: str, target: str, value: float, met: bool, shown: str) -> None:
+        rows.append({"target": name, "goal": target, "measured": value, "shown": shown, "met": met})
+
+    if "encoding" in results:
+        best = results["encoding"]["best"]
+        add("encoding MFU", ">= 75%", best["mfu"], best["mfu"] >= 0.75, f"{best['mfu']:.1%}")
+        pad = best["padding_fraction"]
+        add("padding, encoding (best batch)", "<= 10%", pad, pad <= 0.10, f"{pad:.1%}")
+    if "training" in results:
+        mfu = results["training"]["mfu"]
+        add("training step MFU", ">= 60%", mfu, mfu >= 0.60, f"{mfu:.1%}")
+        pad = results["training"]["padding_fraction"]
+        add("padding, training step", "<= 10%", pad, pad <= 0.10, f"{pad:.1%}")
+    if "recipe" in results:
+        ratio = results["recipe"]["ratio"]
+        add("FLOPs per triple / recipe", "<= 0.70", ratio, ratio <= 0.7, f"{ratio:.3f}")
+    if "evaluation" in results:
+        ev = results["evaluation"]
+        label = "" if ev["kind"] == "measured" else " (estimate)"
+        minutes = ev["minutes"]
+        add(
+            "full WN18RR KGC evaluation",
+            "<= 12 min",
+            minutes,
+            minutes <= 12,
+            f"{minutes:.1f} min{label}",
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], peak: float, load: tuple[float, ...]) -> None:
+    print(f"\npeak {peak:.1f} GFLOP/s, load average at start {load[0]:.2f}")
+    print(f"{'target':<32} {'goal':<10} {'measured':<20} met?")
+    for row in rows:
+        print(
+            f"{row['target']:<32} {row['goal']:<10} {row['shown']:<20} "
+            f"{'yes' if row['met'] else 'NO'}"
+        )
+
+
+def profile_misses(w: Workload, results: dict[str, dict[str, Any]], quick: bool) -> dict:
+    """torch.profiler top ops of the workloads that missed their MFU target."""
+    import bench_encoding
+    import bench_profile
+    import bench_training
+
+    from kalm.models import encode_ids
+    from kalm.views import iterate_batches
+
+    out: dict[str, Any] = {}
+    if "encoding" in results and results["encoding"]["best"]["mfu"] < 0.75:
+        bs = results["encoding"]["best"]["batch_size"]
+        ids = w.views.tail_ids(
+            bench_encoding.sample_entities(w.kg.num_entities, 64 if quick else bs)
+        )
+        print("  encoding:")
+        out["encoding"] = bench_profile.top_ops(
+            lambda: encode_ids(w.model, ids, pad_id=w.tokenizer.pad_token_id, batch_size=bs)
+        )
+    if "training" in results and results["training"]["mfu"] < 0.60:
+        trainer = w.trainer
+        batch = next(iterate_batches(trainer.lengths, trainer.tcfg.batch_size, 1))[1]
+        print("  training step:")
+        out["training"] = bench_profile.top_ops(lambda: bench_training.one_step(trainer, batch))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, for development")
+    parser.add_argument(
+        "--only",
+        choices=BENCHMARKS,
+        action="append",
+        help="run only this benchmark (repeatable); the peak always runs",
+    )
+    parser.add_argument(
+        "--full-eval",
+        action="store_true",
+        help="run the full WN18RR evaluation instead of estimating it (>10 min)",
+    )
+    parser.add_argument(
+        "--no-wait", action="store_true", help="do not wait for the load average to drop below 1.0"
+    )
+    parser.add_argument("--max-wait", type=float, default=30.0, help="minutes to wait for quiet")
+    parser.add_argument(
+        "--compile-limit",
+        type=float,
+        default=600.0,
+        help="seconds allowed for the torch.compile benchmark",
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(THREADS)
+    if not (args.quick or args.no_wait) and not wait_until_quiet(
+        QUIET_LOAD, poll_seconds=120, max_seconds=args.max_wait * 60
+    ):
+        print(f"the load average never fell below {QUIET_LOAD}: results are measured under load")
+
+    import bench_peak
+
+    print("== peak")
+    with measure_load() as load:
+        peak = bench_peak.run(args.quick)
+    save("peak", args.quick, peak, load)
+    start_load = load.loadavg_before
+    w = Workload(peak["peak_gflops"])
+    selected = [b for b in BENCHMARKS[1:] if not args.only or b in args.only]
+    runners = _runners(w, args)
+    results: dict[str, dict[str, Any]] = {}
+    loads: dict[str, dict[str, Any]] = {"peak": load.as_dict()}
+    for name in selected:
+        print(f"== {name}")
+        with measure_load() as load:
+            results[name] = runners[name]()
+        results[name]["peak_gflops"] = peak["peak_gflops"]
+        path = save(name, args.quick, results[name], load)
+        loads[name] = load.as_dict()
+        print(f"  foreign CPU {load.foreign_cpu_cores:.2f} cores -> {path.name}")
+    rows = targets(results)
+    print_table(rows, peak["peak_gflops"], start_load)
+    with measure_load() as load:
+        print("== profiles of missed targets")
+        profiles = profile_misses(w, results, args.quick)
+    if profiles:
+        save("profile", args.quick, profiles, load)
+    with measure_load() as load:
+        pass
+    save(
+        "summary",
+        args.quick,
+        {"peak_gflops": peak["peak_gflops"], "targets": rows, "loads": loads},
+        load,
+    )
+
+
+if __name__ == "__main__":
+    main()

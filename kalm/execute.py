@@ -1,0 +1,88 @@
+"""Regenerate the book's executed notebooks with papermill: ``python -m kalm.execute [NAME ...]``.
+
+Each book page is a notebook of ``notebooks/`` executed with explicit parameters (the profile is
+resolved here, so the executed copy records ``cpu`` rather than ``auto``). Trained adapters and
+cached embeddings come from the run store, so only the first notebook of a run trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kalm.config import REPO_ROOT, load_config, resolve
+
+__all__ = ["BOOK_EXPERIMENTS", "Experiment", "execute", "main"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A book page: a source notebook, the executed copy's name and its parameters."""
+
+    notebook: str
+    page: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# In execution order: the first KGC run trains the adapter that the later notebooks reuse.
+BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment("theorems", "theorems"),
+    Experiment("ablation", "ablation"),
+    Experiment("kgc", "kgc"),
+    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237"}),
+    Experiment("similarity", "similarity"),
+    Experiment("kgqa", "kgqa"),
+    Experiment("lm", "lm"),
+)
+
+
+def execute(experiment: Experiment, *, model: str | None = None, profile: str = "auto") -> Path:
+    """Run one experiment notebook into ``book/experiments/<page>.ipynb`` and return its path."""
+    import papermill
+
+    model = model or load_config().default_model
+    params = {"model": model, "profile": profile, **experiment.parameters}
+    params["profile"] = resolve(**params).profile
+    source = REPO_ROOT / "notebooks" / f"{experiment.notebook}.ipynb"
+    target = REPO_ROOT / "book" / "experiments" / f"{experiment.page}.ipynb"
+    tmp = target.with_name(f".{target.name}")
+    started = time.perf_counter()
+    print(f"== {source.relative_to(REPO_ROOT)} -> {target.relative_to(REPO_ROOT)} {params}")
+    papermill.execute_notebook(
+        str(source),
+        str(tmp),
+        parameters=params,
+        kernel_name="python3",
+        cwd=str(REPO_ROOT),
+        progress_bar=True,
+    )
+    tmp.replace(target)  # a failed run keeps the previous executed copy
+    print(f"   done in {time.perf_counter() - started:.0f} s")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: execute all book experiments, or the named pages."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    pages = [e.page for e in BOOK_EXPERIMENTS]
+    parser.add_argument(
+        "pages", nargs="*", help=f"pages to run (default: all of {', '.join(pages)})"
+    )
+    parser.add_argument("--model", default=None, help="model alias or local directory")
+    parser.add_argument("--profile", default="auto", help="smoke, cpu, paper or auto")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.pages) - set(pages))
+    if unknown:
+        parser.error(f"unknown page(s) {unknown}; valid pages: {', '.join(pages)}")
+    chosen = [e for e in BOOK_EXPERIMENTS if not args.pages or e.page in args.pages]
+    for experiment in chosen:
+        execute(experiment, model=args.model, profile=args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Tiny builders shared by the tests: a random Llama, a toy knowledge graph, the real tokenizer.
+
+They keep the tests fast (no real weights) while exercising the same code paths as real runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kalm.data import KnowledgeGraph
+from kalm.models import load_tokenizer
+
+ANIMALS = ("dog", "cat", "wolf", "lion", "horse", "zebra", "eagle", "salmon")
+
+
+@functools.cache
+def smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    """The SmolLM2 tokenizer (from the converted model cache; fast after the first conversion)."""
+    return load_tokenizer("smollm2")
+
+
+def tiny_llama(
+    vocab_size: int, *, hidden: int = 16, layers: int = 2, seed: int = 0
+) -> LlamaForCausalLM:
+    """A randomly initialised two-layer Llama: real architecture, negligible cost."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+def toy_kg(
+    train: list[tuple[int, int, int]] | None = None,
+    valid: list[tuple[int, int, int]] | None = None,
+    test: list[tuple[int, int, int]] | None = None,
+    *,
+    descriptions: tuple[str, ...] | None = None,
+    name: str = "toy",
+) -> KnowledgeGraph:
+    """Eight animals and two relations ("eats" / inverse "eaten by", "resembles" / itself)."""
+
+    def arr(rows: list[tuple[int, int, int]] | None) -> np.ndarray:
+        return np.asarray(rows or [], dtype=np.int64).reshape(-1, 3)
+
+    return KnowledgeGraph(
+        name=name,
+        entity_ids=tuple(f"e{i}" for i in range(len(ANIMALS))),
+        entity_names=ANIMALS,
+        entity_descriptions=descriptions or ("",) * len(ANIMALS),
+        relation_ids=("_eats", "_resembles"),
+        relation_texts=("eats", "resembles"),
+        inverse_relation_texts=("eaten by", "resembles"),
+        train=arr(train),
+        valid=arr(valid),
+        test=arr(test),
+    )

@@ -1,0 +1,266 @@
+"""kalm.config (the root _config.yml, PAPER.md section 2) and kalm.paper (published numbers)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kalm.config import REPO_ROOT, ConfigError, config_path, load_config, resolve
+from kalm.paper import read_resource
+
+HUB_IDS = {
+    "llama2": "meta-llama/Llama-2-7b-hf",
+    "llama3": "meta-llama/Meta-Llama-3-8B",
+    "mistral": "mistralai/Mistral-7B-v0.1",
+}
+
+
+@pytest.fixture
+def no_profile_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test conftest sets KALM_PROFILE=smoke; these tests need the model defaults."""
+    monkeypatch.delenv("KALM_PROFILE", raising=False)
+
+
+def write_config(tmp_path: Path, edit: dict) -> Path:
+    """A copy of the repository's _config.yml with ``edit`` applied (nested keys as tuples)."""
+    raw = yaml.safe_load((REPO_ROOT / "_config.yml").read_text())
+    for keys, value in edit.items():
+        node = raw
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    path = tmp_path / "broken.yml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# --- the shipped configuration ---------------------------------------------------------------
+
+
+def test_models_and_datasets() -> None:
+    config = load_config()
+    assert config.default_model == "smollm2"
+    assert set(config.models) == {"smollm2", *HUB_IDS}
+    assert config.models["smollm2"].default_profile == "cpu"
+    for alias, hub_id in HUB_IDS.items():
+        spec = config.model(alias)
+        assert (spec.source, spec.hub_id, spec.default_profile) == ("hub", hub_id, "paper")
+    assert config.datasets == ("wn18rr", "fb15k237")
+    assert {"smoke", "cpu", "paper"} <= set(config.profiles)
+
+
+def test_paper_profile_is_the_published_recipe() -> None:
+    cfg = resolve("llama2", "wn18rr", profile="paper")
+    t = cfg.train
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout) == (8, 16, 0.05)
+    assert t.lora_targets == ("gate_proj", "up_proj", "down_proj")
+    assert (t.lr, t.weight_decay, t.batch_size, t.epochs) == (1e-4, 0.001, 24, 20.0)
+    assert (t.lam, t.tau, t.margin) == (0.01, 0.05, 0.02)
+    assert t.lm_examples == 4  # 4 of 24 examples get the triple-completion loss
+    assert (t.max_entity_tokens, t.max_prompt_tokens) == (50, 256)
+    assert t.load_in_8bit and not t.learnable_tau
+    assert t.max_steps == 0 and t.train_subset == 0  # the full 20 epochs on every triple
+    assert cfg.eval.test_queries == 0 and cfg.eval.candidates == 0  # full protocol
+
+
+def test_every_profile_resolves_with_consistent_types() -> None:
+    for profile in load_config().profiles:
+        cfg = resolve(profile=profile)
+        assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, float)
+        assert isinstance(cfg.train.lora_targets, tuple)
+        assert 1 <= cfg.train.lm_examples <= cfg.train.batch_size
+
+
+def test_fb15k237_spelling_variants_resolve() -> None:
+    assert resolve(dataset="FB15k-237").dataset == "fb15k237"
+    assert resolve(model="Mistral").model.alias == "mistral"
+
+
+# --- profile choice ----------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_profile_env")
+def test_auto_profile_is_the_models_default() -> None:
+    assert resolve("smollm2").profile == "cpu"
+    assert resolve("llama3").profile == "paper"
+
+
+def test_kalm_profile_overrides_auto_but_not_an_explicit_profile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KALM_PROFILE", "cpu")
+    assert resolve("mistral").profile == "cpu"
+    assert resolve("mistral", profile="smoke").profile == "smoke"
+    monkeypatch.setenv("KALM_PROFILE", "nonsense")
+    with pytest.raises(ConfigError, match=r"unknown profile 'nonsense'.*smoke.*cpu.*paper"):
+        resolve()
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"model": "gpt5"},
+            r"unknown model 'gpt5'; valid models: smollm2, llama2, llama3, mistral",
+        ),
+        ({"dataset": "yago"}, r"unknown dataset 'yago'; valid datasets: wn18rr, fb15k237"),
+        ({"profile": "huge"}, r"unknown profile 'huge'; valid profiles: smoke, cpu, paper"),
+        ({"lamda": 0.1}, r"unknown parameter\(s\) \['lamda'\]; valid: .*\blam\b"),
+        ({"lam": "0.1"}, r"train\.lam must be of type float, got '0\.1' \(str\)"),
+        ({"batch_size": 8.5}, r"train\.batch_size must be of type int, got 8\.5"),
+        ({"learnable_tau": 1}, r"train\.learnable_tau must be of type bool"),
+        ({"test_queries": True}, r"eval\.test_queries must be of type int, got True"),
+        ({"lora_targets": "q_proj"}, r"train\.lora_targets must be a list of strings"),
+        ({"seed": "1"}, r"seed must be of type int"),
+    ],
+)
+def test_bad_parameters_raise_config_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve(**kwargs)
+
+
+def test_overrides_reach_the_right_dataclass_and_are_coerced() -> None:
+    cfg = resolve(lam=1, batch_size=16.0, test_queries=7, lora_targets=["q_proj"], tau=None)
+    assert cfg.train.lam == 1.0 and isinstance(cfg.train.lam, float)
+    assert cfg.train.batch_size == 16 and isinstance(cfg.train.batch_size, int)
+    assert cfg.train.lora_targets == ("q_proj",)
+    assert cfg.eval.test_queries == 7
+    assert cfg.train.tau == resolve().train.tau  # None means "not given"
+    assert not hasattr(cfg.train, "test_queries") and not hasattr(cfg.eval, "lam")
+
+
+def test_configs_are_frozen() -> None:
+    cfg = resolve()
+    for obj, name in (
+        (cfg, "seed"),
+        (cfg.train, "lam"),
+        (cfg.eval, "candidates"),
+        (cfg.model, "hub_id"),
+    ):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, 1)
+
+
+def test_as_dict_is_plain_json() -> None:
+    d = resolve().as_dict()
+    assert d["train"]["lora_targets"] == list(resolve().train.lora_targets)
+    assert d["model"]["alias"] == "smollm2" and d["profile"] == "smoke"
+
+
+# --- the training key ---------------------------------------------------------------------------
+
+EVAL_FIELDS = [f.name for f in dataclasses.fields(type(resolve().eval))]
+
+
+@settings(max_examples=30, deadline=None)
+@given(field=st.sampled_from(EVAL_FIELDS), value=st.integers(1, 10_000))
+def test_train_key_ignores_evaluation_sizes(field: str, value: int) -> None:
+    assert resolve(**{field: value}).train_key() == resolve().train_key()
+
+
+@settings(max_examples=30, deadline=None)
+@given(lam=st.floats(0.0, 1.0), other=st.floats(0.0, 1.0))
+def test_train_key_follows_train_hyper_parameters(lam: float, other: float) -> None:
+    same = resolve(lam=lam).train_key() == resolve(lam=other).train_key()
+    assert same == (lam == other)
+
+
+def test_train_key_follows_model_dataset_and_seed() -> None:
+    base = resolve().train_key()
+    assert (
+        len(
+            {
+                base,
+                resolve(seed=1).train_key(),
+                resolve(dataset="fb15k237").train_key(),
+                resolve(model="llama2").train_key(),
+                resolve(max_steps=5).train_key(),
+            }
+        )
+        == 5
+    )
+    assert resolve().train_key() == base  # stable across calls
+
+
+# --- a broken KALM_CONFIG ----------------------------------------------------------------------
+
+
+def test_kalm_config_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(tmp_path, {("profiles", "smoke", "train", "lam"): 0.5})
+    monkeypatch.setenv("KALM_CONFIG", str(path))
+    assert config_path() == path
+    assert resolve(profile="smoke").train.lam == 0.5
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            {("models", "llama2", "default_profile"): "gpu"},
+            r"unknown profile \(models\.llama2\.default_profile\) 'gpu'; valid .*smoke, cpu, paper",
+        ),
+        (
+            {("profiles", "cpu", "train", "batch_size"): "large"},
+            r"profiles\.cpu\.train\.batch_size must be of type int, got 'large'",
+        ),
+        (
+            {("profiles", "smoke", "eval", "candidate"): 3},
+            r"profiles\.smoke\.eval: unknown field\(s\) \['candidate'\]; valid fields: test_",
+        ),
+        ({("models", "llama3", "hubid"): "x"}, r"models\.llama3: unknown field\(s\) \['hubid'\]"),
+        ({("default_model",): "gpt2"}, r"unknown model 'gpt2'; valid models: smollm2"),
+    ],
+)
+def test_broken_config_file_names_the_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: dict, message: str
+) -> None:
+    path = write_config(tmp_path, edit)
+    monkeypatch.setenv("KALM_CONFIG", str(path))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config()
+    if "profiles." in message or "models." in message:
+        assert str(path) in str(err.value)
+
+
+def test_missing_field_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(tmp_path, {})
+    raw = yaml.safe_load(path.read_text())
+    del raw["profiles"]["paper"]["train"]["tau"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("KALM_CONFIG", str(path))
+    with pytest.raises(ConfigError, match=r"profiles\.paper\.train: missing field\(s\) \['tau'\]"):
+        load_config()
+
+
+def test_missing_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KALM_CONFIG", str(tmp_path / "nope.yml"))
+    with pytest.raises(ConfigError, match=r"nope\.yml not found; set KALM_CONFIG"):
+        resolve()
+
+
+# --- published numbers (kalm.paper) --------------------------------------------------------------
+
+
+def test_paper_table1() -> None:
+    table = read_resource("paper_table1.csv")
+    assert table.groupby("dataset")["method"].nunique().to_dict() == {"wn18rr": 10, "fb15k237": 10}
+    row = table.query("method == 'Llama-2-7B + KaLM' and dataset == 'wn18rr'").iloc[0]
+    assert row["MRR"] == pytest.approx(0.596)
+    assert row["Hits@10"] == pytest.approx(0.856)
+    assert table["MRR"].between(0, 1).all()
+    assert table.loc[table["method"] == "SimKGC", "MR"].isna().all()  # "-" in the paper
+
+
+def test_unknown_resource_lists_the_available_ones() -> None:
+    with pytest.raises(
+        FileNotFoundError, match=r"no resource 'table9\.csv'; available: .*paper_table1\.csv"
+    ):
+        read_resource("table9.csv")

@@ -1,0 +1,217 @@
+"""kalm.models: loading (real SmolLM2, local directories, unreachable hub models) and embeddings.
+
+The embedding must not depend on how a text is batched: padding side, batch size and neighbours
+all change the padded tensor, never the last real token's hidden state (PAPER.md section 1).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import smollm2_tokenizer, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kalm.config import REPO_ROOT
+from kalm.models import (
+    ModelUnavailableError,
+    decoder_of,
+    encode,
+    encode_ids,
+    load_model,
+    pool_last_token,
+)
+from kalm.views import pad_batch
+
+TEXTS = [
+    "[ dog, a domesticated carnivorous mammal with a long snout, hypernym ]",
+    "{ cat }",
+    "{ wolf, a wild carnivorous mammal }",
+    "[ Paris, capital of ]",
+    "a",
+]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> torch.Tensor:
+    """Every text embedded on its own (batch size 1, no padding): what any batching reproduces."""
+    model, tokenizer = smollm2
+    return encode(model, tokenizer, TEXTS, batch_size=1)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: the hub library reads HF_HUB_OFFLINE once at import, so patch both."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+# --- the real SmolLM2 ---------------------------------------------------------------------------
+
+
+def test_greedy_generation_knows_paris(
+    smollm2: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    model, tokenizer = smollm2
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(
+        **inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+def test_embeddings_are_unit_fp32_rows(reference: torch.Tensor) -> None:
+    assert reference.dtype == torch.float32 and reference.shape[0] == len(TEXTS)
+    torch.testing.assert_close(reference.norm(dim=1), torch.ones(len(TEXTS)))
+    # different texts, different embeddings
+    off_diagonal = (reference @ reference.T - torch.eye(len(TEXTS))).abs()
+    assert off_diagonal.max() < 0.9999
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_batch_size_does_not_change_embeddings(
+    smollm2: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+    reference: torch.Tensor,
+    batch_size: int,
+) -> None:
+    model, tokenizer = smollm2
+    torch.testing.assert_close(
+        encode(model, tokenizer, TEXTS, batch_size=batch_size), reference, atol=ATOL, rtol=0
+    )
+
+
+def test_left_padding_gives_the_same_embeddings(
+    smollm2: tuple[PreTrainedModel, PreTrainedTokenizerBase], reference: torch.Tensor
+) -> None:
+    model, tokenizer = smollm2
+    ids = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
+    batch = pad_batch(ids, tokenizer.pad_token_id, left=True)
+    assert batch.attention_mask[:, 0].min() == 0  # really left-padded
+    with torch.inference_mode():
+        hidden = decoder_of(model)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+    left = F.normalize(pool_last_token(hidden, batch.attention_mask).float(), dim=-1)
+    torch.testing.assert_close(left, reference, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("neighbours", "where"), [([0, 2], 1), ([3, 4], 2)])
+def test_neighbours_do_not_change_an_embedding(
+    smollm2: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+    reference: torch.Tensor,
+    neighbours: list[int],
+    where: int,
+) -> None:
+    """The same short text embedded between different (longer and shorter) neighbours."""
+    model, tokenizer = smollm2
+    rows = [TEXTS[i] for i in neighbours]
+    rows.insert(where, TEXTS[1])
+    emb = encode(model, tokenizer, rows, batch_size=8)
+    torch.testing.assert_close(emb[where], reference[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        emb[[i for i in range(3) if i != where]], reference[neighbours], atol=ATOL, rtol=0
+    )
+
+
+def test_empty_sequence_is_refused(
+    smollm2: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    model, tokenizer = smollm2
+    with pytest.raises(ValueError, match="empty sequence"):
+        encode_ids(model, [[1, 2], []], pad_id=tokenizer.pad_token_id)
+
+
+# --- pooling ----------------------------------------------------------------------------------
+
+
+def test_pool_last_token_by_hand() -> None:
+    hidden = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 4, 1)  # value = row * 4 + position
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    assert pool_last_token(hidden, right).flatten().tolist() == [1.0, 7.0]
+    assert pool_last_token(hidden, left).flatten().tolist() == [3.0, 7.0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=6), left=st.booleans())
+def test_pool_last_token_finds_the_last_real_token(lengths: list[int], left: bool) -> None:
+    rows = [[100 + i] * n for i, n in enumerate(lengths)]
+    batch = pad_batch(rows, pad_id=0, left=left)
+    hidden = batch.input_ids.unsqueeze(-1).float()  # the hidden state is the token id itself
+    pooled = pool_last_token(hidden, batch.attention_mask).flatten()
+    assert pooled.tolist() == [100.0 + i for i in range(len(lengths))]
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def test_unreachable_hub_model_names_hub_id_and_local_directory(offline: None) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model("llama2")
+    assert time.perf_counter() - started < 5  # offline: no network attempt, no retries
+    message = str(err.value)
+    assert "meta-llama/Llama-2-7b-hf" in message
+    assert "local directory" in message and "-p model /path/to/Llama-2-7b-hf" in message
+
+
+def test_unknown_hub_id_in_the_configuration(
+    offline: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = (REPO_ROOT / "_config.yml").read_text()
+    config = config.replace("meta-llama/Meta-Llama-3-8B", "kalm-tests/no-such-model")
+    (tmp_path / "config.yml").write_text(config)
+    monkeypatch.setenv("KALM_CONFIG", str(tmp_path / "config.yml"))
+    with pytest.raises(
+        ModelUnavailableError, match=r"hub id 'kalm-tests/no-such-model'.*local directory"
+    ):
+        load_model("llama3")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama saved with the SmolLM2 tokenizer, as a user's local checkpoint."""
+    tokenizer = smollm2_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_local_directory_loads(tiny_dir: Path, offline: None) -> None:
+    model, tokenizer = load_model(tiny_dir, device="cpu")
+    assert model.config.hidden_size == 16 and not model.training
+    assert tokenizer.pad_token_id is not None
+    emb = encode(model, tokenizer, ["{ dog }", "[ cat, eats ]"])
+    assert emb.shape == (2, 16)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    same, _ = load_model(str(tiny_dir), device="cpu")  # a str path works too
+    torch.testing.assert_close(encode(same, tokenizer, ["{ dog }"]), emb[:1])
+
+
+def test_decoder_of_sees_through_peft(tiny_dir: Path) -> None:
+    model, tokenizer = load_model(tiny_dir, device="cpu")
+    base = decoder_of(model)
+    assert base is model.model  # the LlamaModel body, no LM head
+    before = encode(model, tokenizer, TEXTS[:3])
+    tuned = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert decoder_of(tuned) is base
+    tuned.train()
+    # LoRA starts as the identity (B = 0), so the embeddings do not move
+    torch.testing.assert_close(encode(tuned, tokenizer, TEXTS[:3]), before)
+    assert tuned.training  # encode evaluates in eval mode and restores the caller's mode

@@ -1,0 +1,105 @@
+"""kalm.runs: run directories keyed by the training configuration, metrics and atomic caches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kalm.config import REPO_ROOT, resolve
+from kalm.runs import Run, runs_dir
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "store"
+    monkeypatch.setenv("KALM_RUNS_DIR", str(root))
+    return root
+
+
+def test_runs_dir_default_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KALM_RUNS_DIR", raising=False)
+    assert runs_dir() == REPO_ROOT / "runs"
+    monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path))
+    assert runs_dir() == tmp_path
+
+
+def test_trained_run_path_follows_the_train_key(store: Path) -> None:
+    cfg = resolve("smollm2", "wn18rr", profile="smoke", seed=3)
+    run = Run.trained(cfg)
+    assert run.path == store / f"smollm2-wn18rr-smoke-s3-{cfg.train_key()}"
+    assert Run.trained(resolve("smollm2", "wn18rr", profile="smoke", seed=3, test_queries=5)) == run
+    assert Run.trained(resolve("smollm2", "wn18rr", profile="smoke", seed=3, lam=0.5)) != run
+    assert Run.base(cfg).path == store / "smollm2-base"
+    assert Run.base(resolve(dataset="fb15k237", lam=0.5)) == Run.base(cfg)
+    assert not run.path.exists()  # naming a run creates nothing
+
+
+def test_finished_needs_done_and_adapter(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    assert not run.finished
+    (tmp_path / "done.json").write_text("{}")
+    assert not run.finished
+    run.adapter_dir.mkdir()
+    assert run.finished
+
+
+@given(
+    metrics=st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.one_of(
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.integers(-(10**6), 10**6),
+            st.dictionaries(st.text(max_size=5), st.floats(allow_nan=False, allow_infinity=False)),
+        ),
+        max_size=6,
+    )
+)
+def test_metrics_round_trip(tmp_path_factory: pytest.TempPathFactory, metrics: dict) -> None:
+    run = Run(tmp_path_factory.mktemp("run"))
+    assert run.load_metrics("kgc-test") is None
+    path = run.save_metrics("kgc-test", metrics)
+    assert path == run.path / "metrics" / "kgc-test.json"
+    assert run.load_metrics("kgc-test") == metrics
+    assert [p.name for p in path.parent.iterdir()] == ["kgc-test.json"]  # no temporary left
+
+
+def test_cached_computes_once_and_writes_atomically(tmp_path: Path) -> None:
+    run = Run(tmp_path / "run")
+    calls = []
+
+    def compute() -> torch.Tensor:
+        calls.append(1)
+        return torch.arange(6, dtype=torch.float32).reshape(2, 3)
+
+    first = run.cached("entities-x", compute)
+    second = run.cached("entities-x", compute)
+    assert len(calls) == 1
+    torch.testing.assert_close(first, second)
+    cache = run.path / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["entities-x.pt"]
+    run.cached("entities-y", compute)
+    assert len(calls) == 2 and not list(cache.glob("*.tmp"))
+
+
+def test_cached_leaves_nothing_when_compute_fails(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+
+    def broken() -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run.cached("entities-z", broken)
+    assert not (tmp_path / "cache" / "entities-z.pt").exists()
+
+
+def test_train_log(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    assert run.train_log() == []
+    records = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run.train_log() == records

@@ -1,0 +1,155 @@
+"""The training loop: adapters move, the loss falls, resume is exact, global negatives are right."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kalm.config import resolve
+from kalm.data import load_kg
+from kalm.losses import explicit_loss
+from kalm.models import load_model, load_tokenizer
+from kalm.train import Trainer, gather_with_grad, total_steps
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def kg():
+    return load_kg("wn18rr")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama with random weights: fast stand-in where real weights don't matter."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def smoke_cfg(**overrides):
+    return resolve(profile="smoke", **overrides)
+
+
+def adapter_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.peft_model.named_parameters() if "lora_" in n}
+
+
+def test_total_steps_from_epochs_or_max_steps():
+    cfg = smoke_cfg().train
+    assert total_steps(cfg, 1000) == cfg.max_steps
+    by_epochs = dataclasses.replace(cfg, max_steps=0, epochs=2.0, batch_size=10)
+    assert total_steps(by_epochs, 1005) == 200
+
+
+def test_lora_weights_change_after_one_step(tokenizer, kg, tmp_path):
+    trainer = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, smoke_cfg(), tmp_path)
+    before = adapter_weights(trainer)
+    assert before, "no LoRA parameters were attached"
+    trainer.fit(stop_after=1, progress=False)
+    after = adapter_weights(trainer)
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    # Every LoRA B matrix starts at zero and must move; A matrices move once B is non-zero.
+    assert {n for n in before if "lora_B" in n} <= set(moved)
+    frozen = [
+        n for n, p in trainer.peft_model.named_parameters() if p.requires_grad and "lora_" not in n
+    ]
+    assert frozen == []
+
+
+def test_resume_is_exact(tokenizer, kg, tmp_path):
+    cfg = smoke_cfg(lora_dropout=0.1, checkpoint_every=1, max_steps=4)
+    straight = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, tmp_path / "a")
+    straight.fit(progress=False)
+
+    first = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, tmp_path / "b")
+    first.fit(stop_after=2, progress=False)
+    assert first.step == 2
+    resumed = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, tmp_path / "b")
+    resumed.fit(progress=False)
+    assert resumed.step == 4
+
+    a, b = adapter_weights(straight), adapter_weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    log = [line for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines() if line]
+    assert len(log) == 4  # steps re-run after the checkpoint are not logged twice
+
+
+def test_smoke_profile_lowers_the_loss_of_smollm2(kg, tmp_path):
+    model, tokenizer = load_model("smollm2")
+    cfg = smoke_cfg(max_steps=6, lora_dropout=0.0, train_subset=16, lm_fraction=0.25)
+    trainer = Trainer(model, tokenizer, kg, cfg, tmp_path)
+    batch = np.arange(cfg.train.batch_size)
+    trainer.module.eval()
+    with torch.no_grad():
+        before = trainer.loss(batch)["total"].item()
+    trainer.fit(progress=False)
+    with torch.no_grad():
+        after = trainer.loss(batch)["total"].item()
+    assert after < before
+    records = [line for line in (tmp_path / "train_log.jsonl").read_text().splitlines() if line]
+    assert len(records) == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gathered_worker(rank: int, world: int, port: int, hr: torch.Tensor, t: torch.Tensor, out):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        part = slice(rank * len(hr) // world, (rank + 1) * len(hr) // world)
+        local_hr = hr[part].clone().requires_grad_(True)
+        local_t = t[part].clone().requires_grad_(True)
+        loss = explicit_loss(
+            gather_with_grad(local_hr), gather_with_grad(local_t), tau=0.05, margin=0.02
+        )
+        loss.backward()
+        # DDP averages gradients over processes; all_gather's backward sums them.
+        out[rank] = (loss.detach(), local_hr.grad / world, local_t.grad / world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_negatives_match_one_process_on_the_whole_batch():
+    torch.manual_seed(0)
+    hr, t = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    full_hr, full_t = hr.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    expected = explicit_loss(full_hr, full_t, tau=0.05, margin=0.02)
+    expected.backward()
+
+    world = 2
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_gathered_worker, args=(world, _free_port(), hr, t, out), nprocs=world)
+        results = dict(out)
+    for rank in range(world):
+        loss, g_hr, g_t = results[rank]
+        part = slice(rank * 4, (rank + 1) * 4)
+        torch.testing.assert_close(loss, expected.detach())
+        torch.testing.assert_close(g_hr, full_hr.grad[part])
+        torch.testing.assert_close(g_t, full_t.grad[part])

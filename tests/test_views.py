@@ -1,0 +1,228 @@
+"""kalm.views: the recipe's view templates (PAPER.md section 1), tokenisation and batching."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from helpers import smollm2_tokenizer, toy_kg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from kalm.views import (
+    PROMPT_PREAMBLE,
+    ViewBuilder,
+    bucketed_batches,
+    iterate_batches,
+    pad_batch,
+    training_examples,
+)
+
+DOG = (
+    "a domesticated carnivorous mammal that typically has a long snout and an acute sense of smell"
+)
+
+
+@pytest.fixture(scope="module")
+def views() -> ViewBuilder:
+    descriptions = (DOG, "", "", "", "", "", "", "")
+    return ViewBuilder(toy_kg(descriptions=descriptions), smollm2_tokenizer(), max_entity_tokens=6)
+
+
+# --- texts ---------------------------------------------------------------------------------------
+
+
+def test_view_templates(views: ViewBuilder) -> None:
+    assert views.hr_text(1, 0) == "[ cat, eats ]"
+    assert views.tail_text(2) == "{ wolf }"
+    assert views.hr_text(1, 2) == "[ cat, eaten by ]"  # r >= R: the inverse relation text
+    assert views.hr_text(1, 3) == "[ cat, resembles ]"
+    with pytest.raises(IndexError):
+        views.hr_text(1, 4)
+
+
+def test_entity_text_is_truncated_to_max_entity_tokens(views: ViewBuilder) -> None:
+    tokenizer = views.tokenizer
+    full = tokenizer("dog, " + DOG, add_special_tokens=False)["input_ids"]
+    assert len(full) > 6
+    truncated = views.entity_texts[0]
+    assert truncated == tokenizer.decode(full[:6])
+    assert ("dog, " + DOG).startswith(truncated) and len(truncated) < len("dog, " + DOG)
+    assert views.tail_text(0) == f"{{ {truncated} }}"
+    assert views.hr_text(0, 1) == f"[ {truncated}, resembles ]"
+    long_enough = ViewBuilder(views.kg, tokenizer, max_entity_tokens=50)
+    assert long_enough.entity_texts[0] == "dog, " + DOG
+
+
+def test_view_ids_have_no_special_tokens(views: ViewBuilder) -> None:
+    tokenizer = views.tokenizer
+    hr = views.hr_ids([1, 2], [0, 2])
+    assert hr == [
+        tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in ("[ cat, eats ]", "[ wolf, eaten by ]")
+    ]
+    tails = views.tail_ids([3])
+    assert tokenizer.decode(tails[0]) == "{ lion }"
+    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    assert not specials & {i for row in hr + tails for i in row}
+
+
+def test_prompt_text(views: ViewBuilder) -> None:
+    prompt = views.prompt_text(1, 2)
+    assert prompt.startswith(PROMPT_PREAMBLE + "\n\n### Instruction:\n")
+    assert (
+        "Given the head entity and relation, write a tail entity that completes the triple"
+        in prompt
+    )
+    assert "### Input:\ncat, eaten by\n\n" in prompt
+    assert prompt.endswith("### Response:\n")
+
+
+def test_completion_ids_layout(views: ViewBuilder) -> None:
+    tokenizer = views.tokenizer
+    rows, lengths = views.completion_ids([1, 0], [0, 3], [2, 0], max_tokens=256)
+    for row, length, (h, r, t) in zip(rows, lengths, [(1, 0, 2), (0, 3, 0)], strict=True):
+        prompt = tokenizer(views.prompt_text(h, r), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(views.entity_texts[t], add_special_tokens=False)["input_ids"]
+        assert length == len(prompt)
+        assert row == [*prompt, *answer, tokenizer.eos_token_id]
+    assert tokenizer.decode(rows[0][lengths[0] :]) == "wolf" + tokenizer.eos_token
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    max_tokens=st.integers(2, 120), h=st.integers(0, 7), r=st.integers(0, 3), t=st.integers(0, 7)
+)
+def test_completion_ids_respect_max_tokens(
+    views: ViewBuilder, max_tokens: int, h: int, r: int, t: int
+) -> None:
+    tokenizer = views.tokenizer
+    (row,), (length,) = views.completion_ids([h], [r], [t], max_tokens=max_tokens)
+    prompt = tokenizer(views.prompt_text(h, r), add_special_tokens=False)["input_ids"]
+    answer = [
+        *tokenizer(views.entity_texts[t], add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+    ]
+    assert len(row) <= max_tokens
+    assert 1 <= length <= len(prompt) and row[:length] == prompt[:length]
+    if max_tokens > len(answer):  # room for the whole answer: the prompt is cut, never the answer
+        assert row[length:] == answer
+        assert len(row) == min(max_tokens, len(prompt) + len(answer))
+
+
+# --- examples -------------------------------------------------------------------------------------
+
+
+@given(
+    triples=arrays(np.int64, st.tuples(st.integers(0, 20), st.just(3)), elements=st.integers(0, 9))
+)
+def test_training_examples_add_inverses(triples: np.ndarray) -> None:
+    examples = training_examples(triples, num_relations=10)
+    assert examples.dtype == np.int64 and examples.shape == (2 * len(triples), 3)
+    np.testing.assert_array_equal(examples[: len(triples)], triples)
+    h, r, t = triples.T
+    np.testing.assert_array_equal(examples[len(triples) :], np.stack([t, r + 10, h], axis=1))
+
+
+def test_training_examples_by_hand() -> None:
+    got = training_examples(np.array([[0, 1, 2]]), num_relations=3)
+    assert got.tolist() == [[0, 1, 2], [2, 4, 0]]
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+def test_pad_batch_left_and_right() -> None:
+    right = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert right.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    left = pad_batch([[5, 6, 7], [8]], pad_id=2, left=True)
+    assert left.input_ids.tolist() == [[5, 6, 7], [2, 2, 8]]
+    assert left.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left.input_ids.dtype == torch.long and left.attention_mask.dtype == torch.long
+
+
+lengths_strategy = arrays(np.int64, st.integers(0, 400), elements=st.integers(1, 60))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=lengths_strategy,
+    batch_size=st.integers(1, 16),
+    seed=st.integers(0, 3),
+    epoch=st.integers(0, 3),
+    pool=st.integers(1, 8),
+)
+def test_bucketed_batches_partition_one_epoch(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, pool: int
+) -> None:
+    batches = bucketed_batches(lengths, batch_size, seed, epoch, pool=pool)
+    assert all(len(b) == batch_size for b in batches)  # full batches only
+    seen = np.concatenate([*batches, np.empty(0, dtype=np.int64)])
+    assert len(np.unique(seen)) == len(seen)  # each example at most once
+    assert set(seen.tolist()) <= set(range(len(lengths)))
+    assert len(batches) == len(lengths) // batch_size  # drops fewer than batch_size examples
+    again = bucketed_batches(lengths, batch_size, seed, epoch, pool=pool)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_bucketed_batches_vary_with_seed_and_epoch() -> None:
+    lengths = np.arange(1, 101)
+
+    def order(seed: int, epoch: int) -> list[int]:
+        return np.concatenate(bucketed_batches(lengths, 4, seed, epoch)).tolist()
+
+    assert order(0, 0) == order(0, 0)
+    assert len({tuple(order(0, 0)), tuple(order(0, 1)), tuple(order(1, 0))}) == 3
+
+
+def test_bucketed_batches_have_little_padding() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=4096)
+    batch_size = 16
+
+    def mean_spread(batches: list[np.ndarray]) -> float:
+        return float(np.mean([lengths[b].max() - lengths[b].min() for b in batches]))
+
+    bucketed = mean_spread(bucketed_batches(lengths, batch_size, seed=0, epoch=0))
+    random = mean_spread(list(rng.permutation(len(lengths)).reshape(-1, batch_size)))
+    assert bucketed < 0.1 * random
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    batch_size=st.integers(1, 8),
+    start=st.integers(0, 40),
+    seed=st.integers(0, 5),
+)
+def test_iterate_batches_resumes_exactly(n: int, batch_size: int, start: int, seed: int) -> None:
+    lengths = np.random.default_rng(seed).integers(1, 30, size=max(n, batch_size))
+    fresh = list(itertools.islice(iterate_batches(lengths, batch_size, seed), start + 10))
+    resumed = list(
+        itertools.islice(iterate_batches(lengths, batch_size, seed, start_step=start), 10)
+    )
+    assert [s for s, _ in fresh] == list(range(start + 10))
+    for (s1, b1), (s2, b2) in zip(fresh[start:], resumed, strict=True):
+        assert s1 == s2 and np.array_equal(b1, b2)
+
+
+def test_iterate_batches_walks_through_epochs() -> None:
+    lengths = np.arange(10)
+    stream = list(itertools.islice(iterate_batches(lengths, 3, seed=1), 6))
+    per_epoch = [
+        np.concatenate([b for _, b in stream[:3]]),
+        np.concatenate([b for _, b in stream[3:]]),
+    ]
+    for k, epoch in enumerate(per_epoch):
+        assert len(set(epoch.tolist())) == 9  # 3 full batches of distinct examples per epoch
+        expected = np.concatenate(bucketed_batches(lengths, 3, seed=1, epoch=k))
+        np.testing.assert_array_equal(epoch, expected)
+
+
+def test_iterate_batches_rejects_a_batch_larger_than_the_data() -> None:
+    with pytest.raises(ValueError, match="batch size 8 exceeds the 5 training examples"):
+        next(iterate_batches(np.ones(5, dtype=np.int64), 8, seed=0))
