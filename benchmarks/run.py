@@ -106,7 +106,8 @@ def profile_misses(w: Workload, results: dict[str, dict[str, Any]], quick: bool)
         )
     if "training" in results and results["training"]["mfu"] < 0.60:
         trainer = w.trainer
-        batch = next(iterate_batches(trainer.lengths, trainer.tcfg.batch_size, 1))[1]
+        size = results["training"]["batch_size"]
+        batch = next(iterate_batches(trainer.lengths, size, 1))[1]
         print("  training step:")
         out["training"] = bench_profile.top_ops(lambda: bench_training.one_step(trainer, batch))
     return out

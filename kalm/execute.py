@@ -29,14 +29,16 @@ class Experiment:
 
 
 # In execution order: the first KGC run trains the adapter that the later notebooks reuse.
+# FB15k-237 trains for fewer steps in the `cpu` profile: its texts are longer and the book's
+# compute budget (2 CPU cores, about an hour and a half) is shared with WN18RR.
 BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
-    Experiment("theorems", "theorems"),
-    Experiment("ablation", "ablation"),
     Experiment("kgc", "kgc"),
-    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237"}),
+    Experiment("ablation", "ablation"),
+    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237", "max_steps": 40}),
     Experiment("similarity", "similarity"),
     Experiment("kgqa", "kgqa"),
     Experiment("lm", "lm"),
+    Experiment("theorems", "theorems"),
 )
 
 
