@@ -25,18 +25,24 @@ def smollm2_tokenizer() -> PreTrainedTokenizerBase:
 
 
 def tiny_llama(
-    vocab_size: int, *, hidden: int = 16, layers: int = 2, seed: int = 0
+    vocab_size: int, *, hidden: int = 16, layers: int = 2, seed: int = 0, **config: object
 ) -> LlamaForCausalLM:
-    """A randomly initialised two-layer Llama: real architecture, negligible cost."""
+    """A randomly initialised small Llama: real architecture, negligible cost.
+
+    ``config`` overrides further LlamaConfig fields (e.g. ``initializer_range``).
+    """
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **{
+            "vocab_size": vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            **config,
+        }
     )
     model = LlamaForCausalLM(config)
     model.eval()

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -181,7 +182,7 @@ def test_stats_sample_size():
 def tiny_views() -> tuple[torch.nn.Module, ViewBuilder]:
     """A one-layer random Llama over a word-level vocabulary, and a 4-entity graph."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = ["[", "]", "{", "}", ",", "<pad>", "cat", "dog", "animal", "pet", "a", "small"]
     words += ["one", "hypernym", "similar", "to"]
@@ -203,17 +204,8 @@ def tiny_views() -> tuple[torch.nn.Module, ViewBuilder]:
         valid=no_triples,
         test=no_triples,
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(words),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=words.index("<pad>"),
-    )
-    return LlamaForCausalLM(config).eval(), ViewBuilder(kg, tokenizer, max_entity_tokens=8)
+    model = tiny_llama(len(words), layers=1, pad_token_id=words.index("<pad>"))
+    return model, ViewBuilder(kg, tokenizer, max_entity_tokens=8)
 
 
 def test_triple_embeddings_pairs_rows_with_triples(tiny_views):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from kalm.data import load_kg
 from kalm.evaluate import kgqa
@@ -27,19 +28,7 @@ def tokenizer():
 
 
 def tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.5,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab, seed=seed, tie_word_embeddings=False, initializer_range=0.5)
 
 
 # ---------------------------------------------------------------- questions

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kalm.data.errors import DataError
 from kalm.evaluate import lm
@@ -29,18 +29,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.5,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(len(tokenizer), initializer_range=0.5)
 
 
 def _ids(tokenizer) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 from kalm.config import resolve
 from kalm.data import load_kg
@@ -27,22 +27,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def kg():
     return load_kg("wn18rr")
-
-
-def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer Llama with random weights: fast stand-in where real weights don't matter."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def smoke_cfg(**overrides):
