@@ -147,7 +147,10 @@ def wait_until_quiet(threshold: float, poll_seconds: float, max_seconds: float) 
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        print(f"load average {now:.2f} >= {threshold}: waiting ({remaining / 60:.0f} min left)")
+        print(
+            f"load average {now:.2f} >= {threshold}: waiting ({remaining / 60:.0f} min left)",
+            flush=True,
+        )
         time.sleep(min(poll_seconds, remaining))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +142,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.stdout.reconfigure(line_buffering=True)
     torch.set_num_threads(THREADS)
     if not (args.quick or args.no_wait) and not wait_until_quiet(
         QUIET_LOAD, poll_seconds=120, max_seconds=args.max_wait * 60

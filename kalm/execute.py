@@ -38,7 +38,7 @@ BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("lm", "lm"),
     Experiment("theorems", "theorems"),
     Experiment("ablation", "ablation"),
-    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237", "max_steps": 40}),
+    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237", "max_steps": 24}),
 )
 
 
