@@ -39,4 +39,21 @@ def run(quick: bool) -> dict[str, Any]:
             rows.append({"shape": name, "tokens": tokens, "gflops": round(gflops, 1)})
             print(f"  {name:>20} x {tokens:>4} tokens: {gflops:7.1f} GFLOP/s")
     best = max(rows, key=lambda r: r["gflops"])
-    return {"peak_gflops": best["gflops"], "peak_shape": best, "shapes": rows}
+    return {
+        "peak_gflops": best["gflops"],
+        "peak_shape": best,
+        "shapes": rows,
+        "bf16_gflops": bf16(best, repeats),
+    }
+
+
+def bf16(best: dict[str, Any], repeats: int) -> float:
+    """bf16 throughput at the peak's shape: not the MFU reference (the models run in fp32 on CPU),
+    but this CPU has AVX512-BF16, so it bounds what a bf16 encoding path could reach."""
+    name, d_in, d_out = next(s for s in SHAPES if s[0] == best["shape"])
+    x = torch.randn(best["tokens"], d_in, dtype=torch.bfloat16)
+    w = torch.randn(d_out, d_in, dtype=torch.bfloat16)
+    seconds = best_time(lambda: F.linear(x, w), repeats=repeats, min_seconds=0.2)
+    gflops = 2 * best["tokens"] * d_in * d_out / seconds / 1e9
+    print(f"  bf16 {name} x {best['tokens']} tokens: {gflops:7.1f} GFLOP/s (for reference)")
+    return round(gflops, 1)

@@ -106,8 +106,8 @@ def profile_misses(w: Workload, results: dict[str, dict[str, Any]], quick: bool)
             lambda: encode_ids(w.model, ids, pad_id=w.tokenizer.pad_token_id, batch_size=bs)
         )
     if "training" in results and results["training"]["mfu"] < 0.60:
-        trainer = w.trainer
         size = results["training"]["batch_size"]
+        trainer = bench_training.trainer_for(w, size)
         batch = next(iterate_batches(trainer.lengths, size, 1))[1]
         print("  training step:")
         out["training"] = bench_profile.top_ops(lambda: bench_training.one_step(trainer, batch))
