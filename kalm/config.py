@@ -149,11 +149,15 @@ def config_path() -> Path:
     return Path(os.environ.get("KALM_CONFIG", REPO_ROOT / "_config.yml"))
 
 
-def _choose(name: str, valid: Mapping[str, Any] | tuple[str, ...], what: str) -> str:
+def _choose(
+    name: str, valid: Mapping[str, Any] | tuple[str, ...], what: str, where: str = ""
+) -> str:
     key = str(name).lower().replace("-", "")
     options = {str(v).lower().replace("-", ""): v for v in valid}
     if key not in options:
-        raise ConfigError(f"unknown {what} {name!r}; valid {what}s: {', '.join(map(str, valid))}")
+        raise ConfigError(
+            f"{where}unknown {what} {name!r}; valid {what}s: {', '.join(map(str, valid))}"
+        )
     return options[key]
 
 
@@ -216,14 +220,16 @@ def load_config(path: str | Path | None = None) -> Config:
         _build(TrainConfig, prof["train"], f"{path}: profiles.{name}.train")
         _build(EvalConfig, prof["eval"], f"{path}: profiles.{name}.eval")
     for alias, spec in models.items():
-        _choose(spec.default_profile, profiles, f"profile ({path}: models.{alias}.default_profile)")
+        _choose(
+            spec.default_profile, profiles, "profile", f"{path}: models.{alias}.default_profile: "
+        )
     config = Config(
         default_model=raw["default_model"],
         models=types.MappingProxyType(models),
         datasets=tuple(raw["datasets"]),
         profiles=types.MappingProxyType(profiles),
     )
-    _choose(config.default_model, models, f"model ({path}: default_model)")
+    _choose(config.default_model, models, "model", f"{path}: default_model: ")
     return config
 
 

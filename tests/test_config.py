@@ -205,7 +205,7 @@ def test_kalm_config_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     [
         (
             {("models", "llama2", "default_profile"): "gpu"},
-            r"unknown profile \(models\.llama2\.default_profile\) 'gpu'; valid .*smoke, cpu, paper",
+            r"models\.llama2\.default_profile: unknown profile 'gpu'; valid profiles: smoke, cpu",
         ),
         (
             {("profiles", "cpu", "train", "batch_size"): "large"},
@@ -216,7 +216,10 @@ def test_kalm_config_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             r"profiles\.smoke\.eval: unknown field\(s\) \['candidate'\]; valid fields: test_",
         ),
         ({("models", "llama3", "hubid"): "x"}, r"models\.llama3: unknown field\(s\) \['hubid'\]"),
-        ({("default_model",): "gpt2"}, r"unknown model 'gpt2'; valid models: smollm2"),
+        (
+            {("default_model",): "gpt2"},
+            r"default_model: unknown model 'gpt2'; valid models: smollm2",
+        ),
     ],
 )
 def test_broken_config_file_names_the_fault(
