@@ -9,7 +9,6 @@ user cache; later loads read safetensors in well under a second.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import ModelSpec, load_config
+from kalm.data.files import user_cache
 
 __all__ = [
     "ModelUnavailableError",
@@ -41,8 +41,8 @@ class ModelUnavailableError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """The user cache (``KALM_CACHE_DIR`` or ``~/.cache/kalm``)."""
-    return Path(os.environ.get("KALM_CACHE_DIR", Path.home() / ".cache" / "kalm"))
+    """The user cache (``KALM_CACHE_DIR`` or ``~/.cache/kalm``), shared with the datasets."""
+    return user_cache()
 
 
 def default_device() -> torch.device:

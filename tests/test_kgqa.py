@@ -9,22 +9,10 @@ from helpers import tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from kalm.data import load_kg
 from kalm.evaluate import kgqa
-from kalm.models import load_tokenizer
 from kalm.views import INSTRUCTION
 
 NEWLINE = "\n"
-
-
-@pytest.fixture(scope="module")
-def kg():
-    return load_kg("wn18rr")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("smollm2")
 
 
 def tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:

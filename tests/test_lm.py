@@ -13,18 +13,12 @@ from hypothesis import strategies as st
 
 from kalm.data.errors import DataError
 from kalm.evaluate import lm
-from kalm.models import load_tokenizer
 
 TEXT = (
     "The refrigerator is a white good . It keeps food cold by pumping heat out of an insulated "
     "box , and most homes have one . Salvinia is a genus of floating ferns in the family "
     "Salviniaceae , named after Antonio Maria Salvini ."
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("smollm2")
 
 
 @pytest.fixture(scope="module")

@@ -6,27 +6,15 @@ import dataclasses
 import socket
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import tiny_llama
 
 from kalm.config import resolve
-from kalm.data import load_kg
 from kalm.losses import explicit_loss
-from kalm.models import load_model, load_tokenizer
+from kalm.models import load_model
 from kalm.train import Trainer, gather_with_grad, total_steps
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("smollm2")
-
-
-@pytest.fixture(scope="module")
-def kg():
-    return load_kg("wn18rr")
 
 
 def smoke_cfg(**overrides):

@@ -22,10 +22,15 @@ from kalm.data.registry import DataFile, DatasetSpec
 _STAMP_NAME = ".verified.json"
 
 
+def user_cache() -> Path:
+    """The user cache of the whole library: ``KALM_CACHE_DIR``, else ``~/.cache/kalm``."""
+    base = os.environ.get("KALM_CACHE_DIR") or Path.home() / ".cache" / "kalm"
+    return Path(base).expanduser()
+
+
 def cache_root() -> Path:
     """Directory holding downloaded datasets and the verification stamps."""
-    base = os.environ.get("KALM_CACHE_DIR") or Path.home() / ".cache" / "kalm"
-    return Path(base).expanduser() / "data"
+    return user_cache() / "data"
 
 
 def data_root(data_dir: str | Path | None) -> Path | None:
