@@ -33,14 +33,20 @@ def sample_entities(num_entities: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).choice(num_entities, size=n, replace=False).tolist()
 
 
-def time_encode(w: Workload, ids: list[list[int]], batch_size: int, repeats: int) -> float:
+def time_encode(
+    w: Workload,
+    ids: list[list[int]],
+    batch_size: int,
+    repeats: int,
+    dtype: torch.dtype = torch.float32,
+) -> float:
     """Best wall time of ``encode_ids`` over ``ids`` (after one warm-up batch)."""
     pad = w.tokenizer.pad_token_id
-    encode_ids(w.model, ids[: 2 * batch_size], pad_id=pad, batch_size=batch_size)
+    encode_ids(w.model, ids[: 2 * batch_size], pad_id=pad, batch_size=batch_size, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        encode_ids(w.model, ids, pad_id=pad, batch_size=batch_size)
+        encode_ids(w.model, ids, pad_id=pad, batch_size=batch_size, dtype=dtype)
         best = min(best, time.perf_counter() - started)
     return best
 

@@ -1,7 +1,8 @@
 """Full filtered KGC evaluation of WN18RR (all entities, every test triple both ways).
 
 By default an *estimate*: each stage of ``kalm.evaluate.protocol.evaluate_kgc`` is timed on a
-sample and scaled to the full sizes. ``--full-eval`` runs the real thing once.
+sample and scaled to the full sizes. ``--full-eval`` runs the real thing once. Both precisions of
+``eval.encode_dtype`` are reported: fp32 (the book's setting) and bf16 autocast.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ def _queries(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def estimate(w: Workload, quick: bool) -> dict[str, Any]:
+def run(w: Workload, quick: bool, full_eval: bool) -> dict[str, Any]:
+    """fp32 and bf16 evaluation times: estimated, or (``full_eval``) measured for bf16."""
+    return {
+        "float32": estimate(w, quick, torch.float32),
+        "bfloat16": full(w, "bfloat16") if full_eval else estimate(w, quick, torch.bfloat16),
+    }
+
+
+def estimate(w: Workload, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
     """Seconds of each stage at full size, from rates measured on samples."""
     n = 128 if quick else 1024
     ev = w.cfg.eval
@@ -47,11 +56,11 @@ def estimate(w: Workload, quick: bool) -> dict[str, Any]:
 
     entity_ids = views.tail_ids(range(w.kg.num_entities))
     sample = [entity_ids[e] for e in sample_entities(w.kg.num_entities, n)]
-    entity_rate = n / time_encode(w, sample, ev.entity_batch_size, 1)
+    entity_rate = n / time_encode(w, sample, ev.entity_batch_size, 1, dtype)
     e, r, gold = _queries(w)
     query_ids = views.hr_ids(e.tolist(), r.tolist())
     pick = np.random.default_rng(0).choice(len(query_ids), size=n, replace=False)
-    query_rate = n / time_encode(w, [query_ids[i] for i in pick], ev.query_batch_size, 1)
+    query_rate = n / time_encode(w, [query_ids[i] for i in pick], ev.query_batch_size, 1, dtype)
 
     # Ranking cost does not depend on the embeddings' values: random unit vectors, real masks.
     dim = w.model.config.hidden_size
@@ -80,12 +89,13 @@ def estimate(w: Workload, quick: bool) -> dict[str, Any]:
     tokens = sum(map(len, entity_ids)) + sum(map(len, query_ids))
     bound = forward_flops(w.model.config, tokens) / (w.peak_gflops * 1e9)
     print(
-        f"  estimated full evaluation: {total / 60:.1f} min "
+        f"  estimated full evaluation, {dtype}: {total / 60:.1f} min "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}); "
         f"at 100% MFU the encoding alone takes {bound / 60:.1f} min"
     )
     return {
         "kind": "estimate",
+        "encode_dtype": str(dtype).removeprefix("torch."),
         "entities": w.kg.num_entities,
         "queries": num_q,
         "entities_per_s": round(entity_rate, 1),
@@ -98,16 +108,20 @@ def estimate(w: Workload, quick: bool) -> dict[str, Any]:
     }
 
 
-def full(w: Workload) -> dict[str, Any]:
+def full(w: Workload, encode_dtype: str) -> dict[str, Any]:
     """Run ``evaluate_kgc`` on every test triple against every entity, without caches."""
-    cfg = replace(w.cfg, eval=replace(w.cfg.eval, test_queries=0, candidates=0))
+    cfg = replace(
+        w.cfg,
+        eval=replace(w.cfg.eval, test_queries=0, candidates=0, encode_dtype=encode_dtype),
+    )
     run = Run(Path(tempfile.mkdtemp(prefix="kalm-bench-eval-")))
     started = time.perf_counter()
     result = evaluate_kgc(w.model, w.tokenizer, w.kg, cfg, run, progress=True)
     seconds = time.perf_counter() - started
-    print(f"  full evaluation: {seconds / 60:.1f} min")
+    print(f"  full evaluation, {encode_dtype}: {seconds / 60:.1f} min")
     return {
         "kind": "measured",
+        "encode_dtype": encode_dtype,
         "entities": result.num_candidates,
         "queries": 2 * len(result.triples),
         "minutes": round(seconds / 60, 2),

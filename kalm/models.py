@@ -209,8 +209,13 @@ def encode_ids(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "encoding",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Embed token id sequences, batched by length (little padding), in the input order."""
+    """Embed token id sequences, batched by length (little padding), in the input order.
+
+    ``dtype`` other than the model's runs the forward under autocast (bf16 matmuls on fp32
+    weights); the embeddings are returned in fp32 either way.
+    """
     if any(len(r) == 0 for r in token_ids):
         raise ValueError("cannot embed an empty sequence")
     device = next(model.parameters()).device
@@ -220,6 +225,7 @@ def encode_ids(
     model.eval()
     with (
         torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype, enabled=dtype != next(model.parameters()).dtype),
         tqdm(total=len(order), desc=desc, disable=not progress, unit="seq") as bar,
     ):
         for start in range(0, len(order), batch_size):

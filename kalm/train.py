@@ -134,9 +134,7 @@ class Trainer:
             ]
             triples = triples[np.sort(pick)]
         self.examples = training_examples(triples, kg.num_relations)
-        # Length proxy for bucketing: characters of the hr view (cheap, monotone in tokens).
-        ent_len = np.array([len(t) for t in self.views.entity_texts])
-        self.lengths = ent_len[self.examples[:, 0]] + ent_len[self.examples[:, 2]]
+        self.lengths = self.views.view_lengths(self.examples)
         self.known = kg.known_answers(("train",))
         self.steps = total_steps(self.tcfg, len(self.examples))
         params = [p for p in self.module.parameters() if p.requires_grad]

@@ -10,6 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kalm.config as config
 from kalm.config import REPO_ROOT, ConfigError, config_path, load_config, resolve
 from kalm.paper import read_resource
 
@@ -120,6 +121,11 @@ def test_kalm_profile_overrides_auto_but_not_an_explicit_profile(
         ({"test_queries": True}, r"eval\.test_queries must be of type int, got True"),
         ({"lora_targets": "q_proj"}, r"train\.lora_targets must be a list of strings"),
         ({"seed": "1"}, r"seed must be of type int"),
+        (
+            {"encode_dtype": "fp16"},
+            r"eval\.encode_dtype: unknown encode_dtype 'fp16'; "
+            r"valid encode_dtypes: float32, bfloat16",
+        ),
     ],
 )
 def test_bad_parameters_raise_config_error(kwargs: dict, message: str) -> None:
@@ -157,13 +163,14 @@ def test_as_dict_is_plain_json() -> None:
 
 # --- the training key ---------------------------------------------------------------------------
 
-EVAL_FIELDS = [f.name for f in dataclasses.fields(type(resolve().eval))]
+EVAL_FIELDS = [f.name for f in dataclasses.fields(type(resolve().eval)) if f.type == "int"]
 
 
 @settings(max_examples=30, deadline=None)
 @given(field=st.sampled_from(EVAL_FIELDS), value=st.integers(1, 10_000))
 def test_train_key_ignores_evaluation_sizes(field: str, value: int) -> None:
     assert resolve(**{field: value}).train_key() == resolve().train_key()
+    assert resolve(encode_dtype="bfloat16").train_key() == resolve().train_key()
 
 
 @settings(max_examples=30, deadline=None)
@@ -171,6 +178,12 @@ def test_train_key_ignores_evaluation_sizes(field: str, value: int) -> None:
 def test_train_key_follows_train_hyper_parameters(lam: float, other: float) -> None:
     same = resolve(lam=lam).train_key() == resolve(lam=other).train_key()
     assert same == (lam == other)
+
+
+def test_train_key_follows_the_training_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = resolve().train_key()
+    monkeypatch.setattr(config, "TRAINING_REVISION", config.TRAINING_REVISION + 1)
+    assert resolve().train_key() != before
 
 
 def test_train_key_follows_model_dataset_and_seed() -> None:

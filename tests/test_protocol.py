@@ -119,6 +119,25 @@ def tiny() -> torch.nn.Module:
     return tiny_llama(len(smollm2_tokenizer()))
 
 
+def test_excluding_the_query_entity_only_drops_the_query_entity(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all
+) -> None:
+    tokenizer = smollm2_tokenizer()
+    monkeypatch.setattr(protocol, "encode_ids", fake_encoder(tokenizer, []))
+    # horse (the query's own entity) 0.9 > zebra (gold) 0.3 > salmon 0.1: rank 2, then rank 1.
+    monkeypatch.setitem(QUERIES, "[ horse, eats ]", unit({4: 0.9, 5: 0.3, 7: 0.1}))
+    kg = toy_kg(TRAIN, VALID, TEST)
+    run = Run(tmp_path)
+    strict = evaluate_kgc(None, tokenizer, kg, smoke_all, run, progress=False)
+    excluded = evaluate_kgc(
+        None, tokenizer, kg, smoke_all, run, exclude_query_entity=True, progress=False
+    )
+    assert strict.tail.realistic.tolist() == [1.0, 1.0, 2.0]
+    assert excluded.tail.realistic.tolist() == [1.0, 1.0, 1.0]
+    # zebra's inverse query ranks dog and cat above horse, and zebra itself scores 0: unchanged.
+    assert excluded.head.realistic.tolist() == strict.head.realistic.tolist() == [1.0, 1.5, 3.0]
+
+
 def test_tiny_llama_end_to_end_and_entity_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny: torch.nn.Module
 ) -> None:
@@ -151,6 +170,32 @@ def test_tiny_llama_end_to_end_and_entity_cache(
     assert calls == ["tail queries", "head queries"]  # the entity index came from the cache
     assert second.timings["entity_seconds"] == first.timings["entity_seconds"]  # as measured
     torch.testing.assert_close(second.tail.realistic, first.tail.realistic)
+
+
+def test_bf16_encoding_keeps_the_ranks_and_a_cache_of_its_own(
+    tmp_path: Path, tiny: torch.nn.Module
+) -> None:
+    tokenizer = smollm2_tokenizer()
+    kg = toy_kg(TRAIN, VALID, TEST)
+    run = Run(tmp_path)
+    results = {
+        dtype: evaluate_kgc(
+            tiny,
+            tokenizer,
+            kg,
+            resolve(profile="smoke", test_queries=0, candidates=0, encode_dtype=dtype),
+            run,
+            progress=False,
+        )
+        for dtype in ("float32", "bfloat16")
+    }
+    names = sorted(p.name for p in (run.path / "cache").glob("entities-toy-*.pt"))
+    assert len(names) == 2 and names[0].endswith("-bfloat16.pt")  # fp32 keeps its old name
+    fp32, bf16 = results["float32"], results["bfloat16"]
+    # Rounding can swap near-ties only: ranks move by at most a couple of places.
+    for a, b in ((fp32.tail, bf16.tail), (fp32.head, bf16.head)):
+        assert (a.realistic - b.realistic).abs().max() <= 2
+        assert not torch.equal(a.optimistic, torch.zeros_like(a.optimistic))
 
 
 def test_restricted_candidates_bound_the_ranks(tmp_path: Path, tiny: torch.nn.Module) -> None:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from kalm.data import KnowledgeGraph
 from kalm.views import (
     PROMPT_PREAMBLE,
     ViewBuilder,
@@ -190,6 +191,36 @@ def test_bucketed_batches_have_little_padding() -> None:
     bucketed = mean_spread(bucketed_batches(lengths, batch_size, seed=0, epoch=0))
     random = mean_spread(list(rng.permutation(len(lengths)).reshape(-1, batch_size)))
     assert bucketed < 0.1 * random
+
+
+def test_two_length_keys_bucket_both_views() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=(4096, 2))  # two independent view lengths
+    batch_size = 16
+
+    def spread(batches: list[np.ndarray], column: int) -> float:
+        return float(np.mean([np.ptp(lengths[b, column]) for b in batches]))
+
+    two = bucketed_batches(lengths, batch_size, seed=0, epoch=0)
+    one = bucketed_batches(lengths[:, 0], batch_size, seed=0, epoch=0)
+    random = list(rng.permutation(len(lengths)).reshape(-1, batch_size))
+    assert spread(two, 0) < 0.2 * spread(random, 0)
+    assert spread(two, 1) < 0.5 * spread(random, 1)  # a single key leaves this one random
+    assert spread(one, 1) > 0.8 * spread(random, 1)
+    assert sorted(np.concatenate(two).tolist()) == list(range(len(lengths)))
+
+
+def test_training_batches_of_wn18rr_pad_under_ten_percent(kg: KnowledgeGraph) -> None:
+    views = ViewBuilder(kg, smollm2_tokenizer(), max_entity_tokens=24)
+    examples = training_examples(kg.train, kg.num_relations)
+    lengths = views.view_lengths(examples)
+    real = padded = 0
+    for batch in bucketed_batches(lengths, 64, seed=0, epoch=0)[:100]:
+        h, r, t = examples[batch].T
+        for rows in (views.hr_ids(h, r), views.tail_ids(t), views.tail_ids(h)):
+            real += sum(map(len, rows))
+            padded += len(rows) * max(map(len, rows))
+    assert (padded - real) / padded < 0.10
 
 
 @settings(max_examples=40, deadline=None)

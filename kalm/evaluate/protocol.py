@@ -56,6 +56,7 @@ def entity_index(
     candidates: np.ndarray,
     *,
     batch_size: int,
+    dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """Tail-view embeddings of ``candidates`` (cached in ``run``) and the seconds encoding took.
@@ -64,7 +65,9 @@ def entity_index(
     report of encoding throughput stays the same when the index comes from the cache.
     """
     texts = "\n".join(views.tail_text(int(e)) for e in candidates)
-    name = f"entities-{views.kg.name}-{hashlib.sha256(texts.encode()).hexdigest()[:16]}"
+    digest = hashlib.sha256(texts.encode()).hexdigest()[:16]
+    precision = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
+    name = f"entities-{views.kg.name}-{digest}{precision}"
 
     def compute() -> torch.Tensor:
         started = time.perf_counter()
@@ -76,6 +79,7 @@ def entity_index(
             batch_size=batch_size,
             progress=progress,
             desc="entity index",
+            dtype=dtype,
         )
         run.save_metrics(
             f"timing-{name}",
@@ -125,18 +129,28 @@ def evaluate_kgc(
     *,
     split: str = "test",
     mode: FilterMode = "strict",
+    exclude_query_entity: bool = False,
     progress: bool = True,
 ) -> KGCResult:
     """Filtered link prediction on ``split`` in both directions (head prediction = inverse query).
 
     Filter: known answers from train ∪ valid ∪ test. Sizes come from ``cfg.eval``.
+    ``exclude_query_entity`` also filters the query's own entity (the head of a tail query): a
+    diagnostic of how often that entity alone outranks the gold, not the paper's protocol.
     """
     n = cfg.eval.test_queries if split == "test" else cfg.eval.valid_queries
     triples = sample_triples(getattr(kg, split), n, cfg.seed)
     candidates = candidate_set(kg, triples, cfg.eval.candidates, cfg.seed)
     views = ViewBuilder(kg, tokenizer, cfg.train.max_entity_tokens)
+    dtype = getattr(torch, cfg.eval.encode_dtype)
     entities, encode_seconds = entity_index(
-        model, views, run, candidates, batch_size=cfg.eval.entity_batch_size, progress=progress
+        model,
+        views,
+        run,
+        candidates,
+        batch_size=cfg.eval.entity_batch_size,
+        dtype=dtype,
+        progress=progress,
     )
     position = np.full(kg.num_entities, -1, dtype=np.int64)
     position[candidates] = np.arange(len(candidates))
@@ -157,10 +171,14 @@ def evaluate_kgc(
             batch_size=cfg.eval.query_batch_size,
             progress=progress,
             desc=f"{direction} queries",
+            dtype=dtype,
         )
 
         def filter_mask(part: slice, e: np.ndarray = e, r: np.ndarray = r) -> torch.Tensor:
-            return known.mask(e[part], r[part], kg.num_entities)[:, cols]
+            mask = known.mask(e[part], r[part], kg.num_entities)
+            if exclude_query_entity:
+                mask[torch.arange(len(mask)), torch.from_numpy(e[part])] = True
+            return mask[:, cols]
 
         ranks[direction] = rank_queries(
             queries,
