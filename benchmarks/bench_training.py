@@ -22,13 +22,14 @@ from kalm.config import resolve
 from kalm.flops import PassTokens, StepFlops, kalm_step_flops, recipe_step_flops
 from kalm.models import load_model
 from kalm.train import Trainer
-from kalm.views import iterate_batches
+from kalm.views import iterate_batches, split_shared_prefix
 
 MEMORY_GB = 16.0
 
 
-def pass_tokens(trainer: Trainer, batch: np.ndarray) -> tuple[PassTokens, int]:
-    """Real token counts of each pass of one step, and the padded total actually computed."""
+def pass_tokens(trainer: Trainer, batch: np.ndarray) -> tuple[PassTokens, PassTokens, int]:
+    """Real token counts of each pass of one step as this library runs it, the same for full
+    prompts (as the recipe runs them), and the padded total actually computed."""
     tcfg, views = trainer.tcfg, trainer.views
     heads, rels, tails = (c.tolist() for c in trainer.examples[batch].T)
     hr, tail = views.hr_ids(heads, rels), views.tail_ids(tails)
@@ -39,16 +40,19 @@ def pass_tokens(trainer: Trainer, batch: np.ndarray) -> tuple[PassTokens, int]:
         if k
         else ([], [])
     )
-    passes = (hr, tail, own, rows)
-    padded = sum(len(p) * max(map(len, p)) for p in passes if p)
-    tokens = PassTokens(
+    prefix, suffixes, _ = (
+        split_shared_prefix(rows, plens) if trainer.share_prefix else ([], rows, plens)
+    )
+    passes = (hr, tail, own, suffixes)
+    padded = len(prefix) + sum(len(p) * max(map(len, p)) for p in passes if p)
+    full = PassTokens(
         hr=sum(map(len, hr)),
         tail=sum(map(len, tail)),
         self_negative=sum(map(len, own)),
         lm=sum(map(len, rows)),
         response=sum(len(r) - p for r, p in zip(rows, plens, strict=True)),
     )
-    return tokens, padded
+    return replace(full, lm=len(prefix) + sum(map(len, suffixes))), full, padded
 
 
 def trainer_for(w: Workload, batch_size: int) -> Trainer:
@@ -108,7 +112,7 @@ def run(w: Workload, quick: bool) -> dict[str, Any]:
     rows = []
     for _ in range(steps):
         batch = next(batches)[1]
-        tokens, padded = pass_tokens(trainer, batch)
+        tokens, _, padded = pass_tokens(trainer, batch)
         seconds = one_step(trainer, batch)
         flops = _step_flops(trainer, tokens)
         rows.append(
@@ -154,20 +158,21 @@ def recipe(w: Workload, quick: bool) -> dict[str, Any]:
     count = 5 if quick else 50
     batches = iterate_batches(trainer.lengths, trainer.tcfg.batch_size, trainer.cfg.seed)
     paper = resolve(profile="paper").train
-    ours = theirs = no_self = paper_lora = 0
+    ours = theirs = no_self = no_prefix = paper_lora = 0
     ours_parts = {"body": 0, "lm_head": 0, "lora": 0}
     theirs_parts = dict(ours_parts)
     triples = real = padded = 0
     for _ in range(count):
         batch = next(batches)[1]
-        tokens, computed = pass_tokens(trainer, batch)
+        tokens, full, computed = pass_tokens(trainer, batch)
         real += tokens.hr + tokens.tail + tokens.self_negative + tokens.lm
         padded += computed
-        a, b = _step_flops(trainer, tokens), _step_flops(trainer, tokens, recipe=True)
+        a, b = _step_flops(trainer, tokens), _step_flops(trainer, full, recipe=True)
         ours, theirs, triples = ours + a.total, theirs + b.total, triples + len(batch)
         no_self += _step_flops(trainer, replace(tokens, self_negative=0)).total
+        no_prefix += _step_flops(trainer, full).total
         paper_lora += recipe_step_flops(
-            trainer.peft_model.config, tokens, paper.lora_targets, paper.lora_r
+            trainer.peft_model.config, full, paper.lora_targets, paper.lora_r
         ).total
         for part in ours_parts:
             ours_parts[part] += getattr(a, part)
@@ -186,6 +191,7 @@ def recipe(w: Workload, quick: bool) -> dict[str, Any]:
         "padding_fraction": round((padded - real) / padded, 4),
         "what_if": {
             "ratio_if_self_negatives_came_from_a_cache": round(no_self / theirs, 4),
+            "ratio_without_the_shared_prompt_prefix": round(no_prefix / theirs, 4),
             "ratio_vs_recipe_with_its_own_lora_r8_mlp": round(ours / paper_lora, 4),
         },
         "gflop_per_triple_by_part": {k: round(v / triples / 1e9, 3) for k, v in ours_parts.items()},
@@ -194,7 +200,8 @@ def recipe(w: Workload, quick: bool) -> dict[str, Any]:
         },
         "note": (
             "same batches, same LM-example count and LoRA configuration for both; the recipe runs "
-            "the head-only view with gradient and computes vocabulary logits at every position "
+            "the head-only view with gradient, every LM prompt in full (here their shared "
+            "preamble runs once per step), and computes vocabulary logits at every position "
             "of every pass (backward through them only for the LM prompt)"
         ),
     }

@@ -7,6 +7,7 @@ DDP/FSDP wrap, so gradient synchronisation sees every parameter use.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -33,7 +34,13 @@ from kalm.losses import (
     self_negative_mask,
 )
 from kalm.models import decoder_of, embed_batch
-from kalm.views import ViewBuilder, iterate_batches, pad_batch, training_examples
+from kalm.views import (
+    ViewBuilder,
+    iterate_batches,
+    pad_batch,
+    split_shared_prefix,
+    training_examples,
+)
 
 __all__ = ["KaLMModule", "Trainer", "attach_lora", "gather_with_grad", "total_steps"]
 
@@ -88,15 +95,35 @@ class KaLMModule(nn.Module):
         t_mask: torch.Tensor,
         lm_ids: torch.Tensor | None = None,
         lm_mask: torch.Tensor | None = None,
+        lm_prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         hr = embed_batch(self.model, hr_ids, hr_mask)
         t = embed_batch(self.model, t_ids, t_mask)
         hidden = None
-        if lm_ids is not None:
-            hidden = decoder_of(self.model)(
-                input_ids=lm_ids, attention_mask=lm_mask
-            ).last_hidden_state
+        if lm_ids is not None and lm_mask is not None:
+            hidden = self.lm_hidden(lm_ids, lm_mask, lm_prefix)
         return hr, t, hidden
+
+    def lm_hidden(
+        self, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states of the LM prompts ``ids`` (after ``prefix``, if given).
+
+        A ``(1, P)`` prefix shared by every prompt runs once; its keys and values, repeated for
+        each row, serve as the attention cache of the rows. This is the same computation as
+        running every full prompt (the gradient reaches the prefix through the cache), for
+        (B - 1) P fewer tokens.
+        """
+        decoder = decoder_of(self.model)
+        if prefix is None:
+            return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # transformers 5 renamed `past_key_values` to `cache` (argument and output field).
+        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else None
+        name = name or "past_key_values"
+        cache = getattr(decoder(input_ids=prefix, use_cache=True), name)
+        cache.batch_repeat_interleave(len(ids))
+        full_mask = torch.cat([mask.new_ones(len(ids), prefix.shape[1]), mask], dim=1)
+        return decoder(input_ids=ids, attention_mask=full_mask, **{name: cache}).last_hidden_state
 
 
 class Trainer:
@@ -135,6 +162,9 @@ class Trainer:
             triples = triples[np.sort(pick)]
         self.examples = training_examples(triples, kg.num_relations)
         self.lengths = self.views.view_lengths(self.examples)
+        # The prompts' shared prefix runs once through an attention cache, which gradient
+        # checkpointing does not support (transformers then turns the cache off).
+        self.share_prefix = not self.tcfg.gradient_checkpointing
         self.known = kg.known_answers(("train",))
         self.steps = total_steps(self.tcfg, len(self.examples))
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -159,7 +189,7 @@ class Trainer:
         hr = pad_batch(self.views.hr_ids(heads.tolist(), rels.tolist()), pad)
         t = pad_batch(self.views.tail_ids(tails.tolist()), pad)
         k = self.tcfg.lm_examples
-        lm_ids = lm_mask = prompt_lengths = None
+        lm_ids = lm_mask = prompt_lengths = lm_prefix = None
         if k > 0 and self.tcfg.lam > 0:
             rows, plens = self.views.completion_ids(
                 heads[:k].tolist(),
@@ -167,6 +197,10 @@ class Trainer:
                 tails[:k].tolist(),
                 self.tcfg.max_prompt_tokens,
             )
+            if self.share_prefix:
+                prefix, rows, plens = split_shared_prefix(rows, plens)
+                if prefix:
+                    lm_prefix = torch.tensor([prefix], device=device)
             lm = pad_batch(rows, pad)
             lm_ids, lm_mask = lm.input_ids.to(device), lm.attention_mask.to(device)
             prompt_lengths = torch.tensor(plens, device=device)
@@ -177,6 +211,7 @@ class Trainer:
             t.attention_mask.to(device),
             lm_ids,
             lm_mask,
+            lm_prefix,
         )
         known = self.known.mask(heads, rels, self.kg.num_entities)
         fn_mask = false_negative_mask(tails, known).to(device)

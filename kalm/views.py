@@ -23,6 +23,7 @@ __all__ = [
     "bucketed_batches",
     "iterate_batches",
     "pad_batch",
+    "split_shared_prefix",
     "training_examples",
 ]
 
@@ -114,6 +115,27 @@ class ViewBuilder:
             rows.append((p + answer)[:max_tokens])
             prompt_lengths.append(len(p))
         return rows, prompt_lengths
+
+
+def split_shared_prefix(
+    rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]
+) -> tuple[list[int], list[list[int]], list[int]]:
+    """The token prefix that all ``rows`` share, the rows without it, and the prompt lengths
+    counted after it.
+
+    Every triple-completion prompt starts with the recipe's fixed preamble and instruction (about
+    half of its tokens), so the LM pass can run that prefix once and repeat its keys and values
+    for each row. The prefix stops one token short of the shortest prompt, so every row keeps the
+    position that predicts its first response token. One row, or none in common: empty prefix.
+    """
+    if len(rows) < 2:
+        return [], [list(r) for r in rows], list(prompt_lengths)
+    limit = min(prompt_lengths) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return list(first[:n]), [list(r[n:]) for r in rows], [p - n for p in prompt_lengths]
 
 
 @dataclass(frozen=True)

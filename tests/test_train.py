@@ -67,6 +67,35 @@ def test_resume_is_exact(tokenizer, kg, tmp_path):
     assert len(log) == 4  # steps re-run after the checkpoint are not logged twice
 
 
+def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(tokenizer, kg, tmp_path):
+    cfg = smoke_cfg(lam=1.0, lm_fraction=0.5)
+    trainer = Trainer(tiny_llama(len(tokenizer), layers=3), tokenizer, kg, cfg, tmp_path)
+    torch.manual_seed(1)
+    for name, p in trainer.peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters a non-trivial state
+            torch.nn.init.normal_(p, std=0.1)
+    batch = np.arange(cfg.train.batch_size)
+
+    def loss_and_grads(share: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        trainer.share_prefix = share
+        trainer.optimizer.zero_grad(set_to_none=True)
+        parts = trainer.loss(batch)
+        parts["l_imp"].backward()
+        grads = {
+            n: p.grad.clone()
+            for n, p in trainer.peft_model.named_parameters()
+            if p.requires_grad and p.grad is not None
+        }
+        return parts["l_imp"].detach(), grads
+
+    shared, shared_grads = loss_and_grads(True)
+    full, full_grads = loss_and_grads(False)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 0
+    for name in full_grads:
+        torch.testing.assert_close(shared_grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
+
+
 def test_smoke_profile_lowers_the_loss_of_smollm2(kg, tmp_path):
     model, tokenizer = load_model("smollm2")
     cfg = smoke_cfg(max_steps=6, lora_dropout=0.0, train_subset=16, lm_fraction=0.25)

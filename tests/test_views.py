@@ -19,6 +19,7 @@ from kalm.views import (
     bucketed_batches,
     iterate_batches,
     pad_batch,
+    split_shared_prefix,
     training_examples,
 )
 
@@ -191,6 +192,28 @@ def test_bucketed_batches_have_little_padding() -> None:
     bucketed = mean_spread(bucketed_batches(lengths, batch_size, seed=0, epoch=0))
     random = mean_spread(list(rng.permutation(len(lengths)).reshape(-1, batch_size)))
     assert bucketed < 0.1 * random
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(0, 3), min_size=2, max_size=12), min_size=1, max_size=6),
+    data=st.data(),
+)
+def test_split_shared_prefix_reassembles_the_rows(rows: list[list[int]], data) -> None:
+    plens = [data.draw(st.integers(1, len(r) - 1)) for r in rows]
+    prefix, rest, rest_plens = split_shared_prefix(rows, plens)
+    assert [prefix + r for r in rest] == rows
+    assert [p + len(prefix) for p in rest_plens] == plens
+    assert all(p >= 1 for p in rest_plens)  # the position before the response stays
+    if len(rows) == 1:
+        assert prefix == []
+
+
+def test_completion_prompts_share_the_preamble(views: ViewBuilder) -> None:
+    rows, plens = views.completion_ids([0, 2, 4], [0, 1, 0], [1, 3, 5], max_tokens=256)
+    prefix, _, _ = split_shared_prefix(rows, plens)
+    preamble = views.tokenizer(PROMPT_PREAMBLE, add_special_tokens=False)["input_ids"]
+    assert prefix[: len(preamble)] == preamble and len(prefix) > len(preamble)
 
 
 def test_two_length_keys_bucket_both_views() -> None:
