@@ -12,6 +12,7 @@ for ``--quick``) with the load of the machine while it ran; ``summary.json`` hol
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -64,7 +65,10 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     if "recipe" in results:
         ratio = results["recipe"]["ratio"]
         add("FLOPs per triple / recipe", "<= 0.70", ratio, ratio <= 0.7, f"{ratio:.3f}")
-    for dtype, ev in results.get("evaluation", {}).items():
+    for dtype in ("float32", "bfloat16"):
+        ev = results.get("evaluation", {}).get(dtype)
+        if ev is None:
+            continue
         label = "" if ev["kind"] == "measured" else " (estimate)"
         minutes = ev["minutes"]
         add(
@@ -146,6 +150,42 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]], pea
     return "\n".join(lines) + "\n"
 
 
+def write_summary(
+    rows: list[dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    peak: dict[str, Any],
+    loads: dict[str, Any],
+    quick: bool,
+) -> None:
+    """``summary.json`` (targets and loads) and ``summary.md`` (the tables the book includes)."""
+    with measure_load() as load:
+        pass
+    save(
+        "summary",
+        quick,
+        {"peak_gflops": peak["peak_gflops"], "targets": rows, "loads": loads},
+        load,
+    )
+    (RESULTS / f"summary{'.quick' if quick else ''}.md").write_text(markdown(rows, results, peak))
+
+
+def summarise_stored(quick: bool) -> None:
+    """Rebuild the summary from the stored result files of the last run of each benchmark."""
+    suffix = ".quick.json" if quick else ".json"
+    stored = {
+        name: json.loads((RESULTS / f"{name}{suffix}").read_text())
+        for name in BENCHMARKS
+        if (RESULTS / f"{name}{suffix}").is_file()
+    }
+    if "peak" not in stored:
+        raise SystemExit(f"no {RESULTS / ('peak' + suffix)}: run the benchmarks first")
+    peak = stored.pop("peak")
+    rows = targets(stored)
+    print_table(rows, peak["peak_gflops"], tuple(peak["load"]["loadavg_before"]))
+    loads = {name: r["load"] for name, r in {"peak": peak, **stored}.items()}
+    write_summary(rows, stored, peak, loads, quick)
+
+
 def profile_misses(w: Workload, results: dict[str, dict[str, Any]], quick: bool) -> dict:
     """torch.profiler top ops of the workloads that missed their MFU target."""
     import bench_encoding
@@ -195,12 +235,20 @@ def main() -> None:
     )
     parser.add_argument("--max-wait", type=float, default=30.0, help="minutes to wait for quiet")
     parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="measure nothing: rebuild the summary from the stored results/*.json",
+    )
+    parser.add_argument(
         "--compile-limit",
         type=float,
         default=600.0,
         help="seconds allowed for the torch.compile benchmark",
     )
     args = parser.parse_args()
+    if args.summary_only:
+        summarise_stored(args.quick)
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_num_threads(THREADS)
@@ -231,21 +279,12 @@ def main() -> None:
         print(f"  foreign CPU {load.foreign_cpu_cores:.2f} cores -> {path.name}")
     rows = targets(results)
     print_table(rows, peak["peak_gflops"], start_load)
+    write_summary(rows, results, peak, loads, args.quick)
     with measure_load() as load:
         print("== profiles of missed targets")
         profiles = profile_misses(w, results, args.quick)
     if profiles:
         save("profile", args.quick, profiles, load)
-    with measure_load() as load:
-        pass
-    save(
-        "summary",
-        args.quick,
-        {"peak_gflops": peak["peak_gflops"], "targets": rows, "loads": loads},
-        load,
-    )
-    table = RESULTS / f"summary{'.quick' if args.quick else ''}.md"
-    table.write_text(markdown(rows, results, peak))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ class EvalConfig:
     analysis_triples: int
     analysis_sentences: int
     # Matmul precision of KGC encoding (entity index and queries): "bfloat16" autocasts the fp32
-    # weights, ~2x faster on CPUs with bf16 instructions; rankings barely move (benchmarks/).
+    # weights, ~3x faster on CPUs with bf16 instructions; ranks move a little (benchmarks/).
     encode_dtype: str = "float32"
 
 
