@@ -19,7 +19,7 @@ from bench_common import Workload
 from bench_encoding import sample_entities, time_encode
 
 from kalm.evaluate.kgc import rank_queries
-from kalm.evaluate.protocol import evaluate_kgc
+from kalm.evaluate.protocol import KGCResult, evaluate_kgc
 from kalm.flops import forward_flops
 from kalm.runs import Run
 from kalm.views import ViewBuilder
@@ -108,16 +108,19 @@ def estimate(w: Workload, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def full(w: Workload, encode_dtype: str) -> dict[str, Any]:
-    """Run ``evaluate_kgc`` on every test triple against every entity, without caches."""
-    cfg = replace(
-        w.cfg,
-        eval=replace(w.cfg.eval, test_queries=0, candidates=0, encode_dtype=encode_dtype),
-    )
+def evaluate(w: Workload, progress: bool, **eval_overrides: Any) -> tuple[KGCResult, float]:
+    """``evaluate_kgc`` of the workload's model with ``cfg.eval`` fields overridden, in a fresh
+    run directory (no cached index), and its wall time."""
+    cfg = replace(w.cfg, eval=replace(w.cfg.eval, **eval_overrides))
     run = Run(Path(tempfile.mkdtemp(prefix="kalm-bench-eval-")))
     started = time.perf_counter()
-    result = evaluate_kgc(w.model, w.tokenizer, w.kg, cfg, run, progress=True)
-    seconds = time.perf_counter() - started
+    result = evaluate_kgc(w.model, w.tokenizer, w.kg, cfg, run, progress=progress)
+    return result, time.perf_counter() - started
+
+
+def full(w: Workload, encode_dtype: str) -> dict[str, Any]:
+    """Run ``evaluate_kgc`` on every test triple against every entity, without caches."""
+    result, seconds = evaluate(w, True, test_queries=0, candidates=0, encode_dtype=encode_dtype)
     print(f"  full evaluation, {encode_dtype}: {seconds / 60:.1f} min")
     return {
         "kind": "measured",

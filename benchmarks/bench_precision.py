@@ -8,9 +8,6 @@ sample of test triples against a fixed candidate set) in both, comparing the ran
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +15,10 @@ import pandas as pd
 import torch
 from bench_common import Workload
 from bench_encoding import sample_entities, time_encode
+from bench_evaluation import evaluate
 
-from kalm.evaluate.protocol import KGCResult, evaluate_kgc
+from kalm.evaluate.protocol import KGCResult
 from kalm.flops import forward_flops
-from kalm.runs import Run
 
 DTYPES = ("float32", "bfloat16")
 
@@ -49,16 +46,10 @@ def run(w: Workload, quick: bool, bf16_peak: float) -> dict[str, Any]:
     speedup = speed["bfloat16"]["entities_per_s"] / speed["float32"]["entities_per_s"]
 
     queries, candidates = (32, 512) if quick else (500, 4096)
-    results = {}
-    for name in DTYPES:
-        cfg = replace(
-            w.cfg,
-            eval=replace(
-                w.cfg.eval, test_queries=queries, candidates=candidates, encode_dtype=name
-            ),
-        )
-        run_dir = Run(Path(tempfile.mkdtemp(prefix="kalm-bench-precision-")))
-        results[name] = evaluate_kgc(w.model, w.tokenizer, w.kg, cfg, run_dir, progress=False)
+    results = {
+        name: evaluate(w, False, test_queries=queries, candidates=candidates, encode_dtype=name)[0]
+        for name in DTYPES
+    }
     a, b = _ranks(results["float32"]), _ranks(results["bfloat16"])
     moved = np.abs(a - b)
     agreement = {

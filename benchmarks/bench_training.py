@@ -22,7 +22,7 @@ from kalm.config import resolve
 from kalm.flops import PassTokens, StepFlops, kalm_step_flops, recipe_step_flops
 from kalm.models import load_model
 from kalm.train import Trainer
-from kalm.views import iterate_batches, split_shared_prefix
+from kalm.views import iterate_batches
 
 MEMORY_GB = 16.0
 
@@ -34,25 +34,17 @@ def pass_tokens(trainer: Trainer, batch: np.ndarray) -> tuple[PassTokens, PassTo
     heads, rels, tails = (c.tolist() for c in trainer.examples[batch].T)
     hr, tail = views.hr_ids(heads, rels), views.tail_ids(tails)
     own = views.tail_ids(heads) if tcfg.self_negatives else []
-    k = tcfg.lm_examples if tcfg.lam > 0 else 0
-    rows, plens = (
-        views.completion_ids(heads[:k], rels[:k], tails[:k], tcfg.max_prompt_tokens)
-        if k
-        else ([], [])
-    )
-    prefix, suffixes, _ = (
-        split_shared_prefix(rows, plens) if trainer.share_prefix else ([], rows, plens)
-    )
-    passes = (hr, tail, own, suffixes)
+    prefix, rows, plens = trainer.lm_prompts(heads, rels, tails)
+    passes = (hr, tail, own, rows)
     padded = len(prefix) + sum(len(p) * max(map(len, p)) for p in passes if p)
-    full = PassTokens(
+    ours = PassTokens(
         hr=sum(map(len, hr)),
         tail=sum(map(len, tail)),
         self_negative=sum(map(len, own)),
-        lm=sum(map(len, rows)),
+        lm=len(prefix) + sum(map(len, rows)),
         response=sum(len(r) - p for r, p in zip(rows, plens, strict=True)),
     )
-    return replace(full, lm=len(prefix) + sum(map(len, suffixes))), full, padded
+    return ours, replace(ours, lm=sum(len(prefix) + len(r) for r in rows)), padded
 
 
 def trainer_for(w: Workload, batch_size: int) -> Trainer:

@@ -150,27 +150,9 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]], pea
     return "\n".join(lines) + "\n"
 
 
-def write_summary(
-    rows: list[dict[str, Any]],
-    results: dict[str, dict[str, Any]],
-    peak: dict[str, Any],
-    loads: dict[str, Any],
-    quick: bool,
-) -> None:
-    """``summary.json`` (targets and loads) and ``summary.md`` (the tables the book includes)."""
-    with measure_load() as load:
-        pass
-    save(
-        "summary",
-        quick,
-        {"peak_gflops": peak["peak_gflops"], "targets": rows, "loads": loads},
-        load,
-    )
-    (RESULTS / f"summary{'.quick' if quick else ''}.md").write_text(markdown(rows, results, peak))
-
-
 def summarise_stored(quick: bool) -> None:
-    """Rebuild the summary from the stored result files of the last run of each benchmark."""
+    """Rebuild the summary from the stored result files of the last run of each benchmark (each
+    result keeps the peak it was measured against; the header shows the latest peak)."""
     suffix = ".quick.json" if quick else ".json"
     stored = {
         name: json.loads((RESULTS / f"{name}{suffix}").read_text())
@@ -183,7 +165,15 @@ def summarise_stored(quick: bool) -> None:
     rows = targets(stored)
     print_table(rows, peak["peak_gflops"], tuple(peak["load"]["loadavg_before"]))
     loads = {name: r["load"] for name, r in {"peak": peak, **stored}.items()}
-    write_summary(rows, stored, peak, loads, quick)
+    with measure_load() as load:
+        pass
+    save(
+        "summary",
+        quick,
+        {"peak_gflops": peak["peak_gflops"], "targets": rows, "loads": loads},
+        load,
+    )
+    (RESULTS / f"summary{'.quick' if quick else ''}.md").write_text(markdown(rows, stored, peak))
 
 
 def profile_misses(w: Workload, results: dict[str, dict[str, Any]], quick: bool) -> dict:
@@ -263,23 +253,18 @@ def main() -> None:
     with measure_load() as load:
         peak = bench_peak.run(args.quick)
     save("peak", args.quick, peak, load)
-    start_load = load.loadavg_before
     w = Workload(peak["peak_gflops"])
     selected = [b for b in BENCHMARKS[1:] if not args.only or b in args.only]
     runners = _runners(w, args, peak["bf16_gflops"])
     results: dict[str, dict[str, Any]] = {}
-    loads: dict[str, dict[str, Any]] = {"peak": load.as_dict()}
     for name in selected:
         print(f"== {name}")
         with measure_load() as load:
             results[name] = runners[name]()
         results[name]["peak_gflops"] = peak["peak_gflops"]
         path = save(name, args.quick, results[name], load)
-        loads[name] = load.as_dict()
         print(f"  foreign CPU {load.foreign_cpu_cores:.2f} cores -> {path.name}")
-    rows = targets(results)
-    print_table(rows, peak["peak_gflops"], start_load)
-    write_summary(rows, results, peak, loads, args.quick)
+    summarise_stored(args.quick)  # a partial run (--only) keeps the other benchmarks' results
     with measure_load() as load:
         print("== profiles of missed targets")
         profiles = profile_misses(w, results, args.quick)

@@ -86,6 +86,9 @@ class KaLMModule(nn.Module):
         self.log_inv_tau = nn.Parameter(
             torch.tensor(math.log(1.0 / tau)), requires_grad=learnable_tau
         )
+        # transformers 5 renamed `past_key_values` to `cache` (argument and output field).
+        forward = inspect.signature(decoder_of(model).forward).parameters
+        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
 
     def forward(
         self,
@@ -117,9 +120,7 @@ class KaLMModule(nn.Module):
         decoder = decoder_of(self.model)
         if prefix is None:
             return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        # transformers 5 renamed `past_key_values` to `cache` (argument and output field).
-        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else None
-        name = name or "past_key_values"
+        name = self._cache_argument
         cache = getattr(decoder(input_ids=prefix, use_cache=True), name)
         cache.batch_repeat_interleave(len(ids))
         full_mask = torch.cat([mask.new_ones(len(ids), prefix.shape[1]), mask], dim=1)
@@ -181,6 +182,20 @@ class Trainer:
         return self.accelerator.unwrap_model(self.module).model
 
     # ----------------------------------------------------------------------------- one step
+    def lm_prompts(
+        self, heads: list[int], rels: list[int], tails: list[int]
+    ) -> tuple[list[int], list[list[int]], list[int]]:
+        """Token ids of the triple-completion prompts of a batch's first ``lm_examples`` triples
+        (none when ``lam`` is 0): their shared prefix (empty unless ``share_prefix``), the rows
+        after it and the prompt lengths counted after it."""
+        k = self.tcfg.lm_examples if self.tcfg.lam > 0 else 0
+        if k == 0:
+            return [], [], []
+        rows, plens = self.views.completion_ids(
+            heads[:k], rels[:k], tails[:k], self.tcfg.max_prompt_tokens
+        )
+        return split_shared_prefix(rows, plens) if self.share_prefix else ([], rows, plens)
+
     def loss(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
         """KaLM loss components of one batch of example indices."""
         device = self.accelerator.device
@@ -188,19 +203,11 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         hr = pad_batch(self.views.hr_ids(heads.tolist(), rels.tolist()), pad)
         t = pad_batch(self.views.tail_ids(tails.tolist()), pad)
-        k = self.tcfg.lm_examples
         lm_ids = lm_mask = prompt_lengths = lm_prefix = None
-        if k > 0 and self.tcfg.lam > 0:
-            rows, plens = self.views.completion_ids(
-                heads[:k].tolist(),
-                rels[:k].tolist(),
-                tails[:k].tolist(),
-                self.tcfg.max_prompt_tokens,
-            )
-            if self.share_prefix:
-                prefix, rows, plens = split_shared_prefix(rows, plens)
-                if prefix:
-                    lm_prefix = torch.tensor([prefix], device=device)
+        prefix, rows, plens = self.lm_prompts(heads.tolist(), rels.tolist(), tails.tolist())
+        if rows:
+            if prefix:
+                lm_prefix = torch.tensor([prefix], device=device)
             lm = pad_batch(rows, pad)
             lm_ids, lm_mask = lm.input_ids.to(device), lm.attention_mask.to(device)
             prompt_lengths = torch.tensor(plens, device=device)
