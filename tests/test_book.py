@@ -1,23 +1,23 @@
 """The Jupyter Book builds warning-free and renders every chapter, experiment, theorem and citation.
 
-The build runs once per session (about ten seconds): the book renders committed notebooks and
-never executes code, so the cost is Sphinx alone.
+The build (the session fixture ``html`` of tests/conftest.py) runs once per session, shared with
+the browser tests: the book renders committed notebooks and never executes code, so the cost is
+Sphinx alone.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from kalm.config import REPO_ROOT
 from kalm.execute import BOOK_EXPERIMENTS
 
-ROOT = Path(__file__).resolve().parent.parent
-BOOK = ROOT / "book"
+BOOK = REPO_ROOT / "book"
 EXPERIMENTS = tuple(e.page for e in BOOK_EXPERIMENTS)
 
 
@@ -37,23 +37,6 @@ def toc_files(node: object) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def toc() -> list[str]:
     return list(toc_files(yaml.safe_load((BOOK / "_toc.yml").read_text())))
-
-
-@pytest.fixture(scope="session")
-def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Build the book with warnings as errors into a temporary directory; return the HTML root."""
-    script = Path(sys.executable).with_name("jupyter-book")
-    assert script.is_file(), (
-        f"{script} not found: install the book extra (pip install -e '.[book]')"
-    )
-    out = tmp_path_factory.mktemp("book")
-    cmd = [str(script), "build", str(BOOK), "-W", "--keep-going", "--path-output", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, (
-        f"`{' '.join(cmd)}` exited with {proc.returncode}:\n"
-        f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    )
-    return out / "_build" / "html"
 
 
 def page(html: Path, name: str) -> str:
@@ -105,3 +88,43 @@ def test_bibliography_renders_and_citations_link_to_it(html: Path) -> None:
     text = page(html, "bibliography").lower()
     assert "knowledge-aligned autoregressive language modeling" in text
     assert 'href="bibliography.html#' in page(html, "intro")
+
+
+# A resource a page loads by itself: script, stylesheet, icon, image, frame or font. Links that
+# the reader follows (<a href>) are not loaded and may point anywhere.
+LOADED = re.compile(
+    r"<(?:script|img|iframe|source|audio|video|embed)\b[^>]*\bsrc\s*=\s*[\"']?(https?:)?//"
+    r"|<link\b[^>]*\bhref\s*=\s*[\"']?(https?:)?//"
+    r"|@import\s+(?:url\()?\s*[\"']?(https?:)?//"
+    r"|url\(\s*[\"']?(https?:)?//",
+    re.IGNORECASE,
+)
+CSS_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
+
+
+def remote_resources(text: str) -> list[str]:
+    """Snippets of `text` (HTML or CSS) that load something from another machine."""
+    text = CSS_COMMENT.sub("", text)
+    return [text[m.start() : m.start() + 120] for m in LOADED.finditer(text)]
+
+
+def test_remote_resource_scan_finds_a_cdn_script() -> None:
+    page_text = '<script defer src="https://cdn.example.org/mathjax.js"></script>'
+    css = "/* see https://example.org */ @font-face { src: url(//fonts.example.org/a.woff2) }"
+    assert remote_resources(page_text) and remote_resources(css)
+    assert not remote_resources('<a href="https://example.org">a link</a><script src="x.js">')
+
+
+def test_built_html_loads_no_remote_resource(html: Path) -> None:
+    """Every page, stylesheet and script of the build loads only files of the build itself."""
+    found = {
+        str(path.relative_to(html)): hits
+        for path in sorted(html.rglob("*"))
+        if path.suffix in (".html", ".css") and path.is_file()
+        for hits in [remote_resources(path.read_text(encoding="utf-8", errors="replace"))]
+        if hits
+    }
+    assert not found, f"remote resources in the built book: {found}"
+    mathjax = html / "_static" / "mathjax" / "tex-mml-chtml.js"
+    assert mathjax.is_file(), f"{mathjax}: the local MathJax copy was not installed"
+    assert 'src="_static/mathjax/tex-mml-chtml.js"' in page(html, "method")

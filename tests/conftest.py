@@ -1,0 +1,38 @@
+"""Fixtures shared by the book tests: one warning-free build of the book per test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kalm.config import REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the book with warnings as errors into a temporary directory; return the HTML root."""
+    script = Path(sys.executable).with_name("jupyter-book")
+    assert script.is_file(), (
+        f"{script} not found: install the book extra (pip install -e '.[book]')"
+    )
+    out = tmp_path_factory.mktemp("book")
+    cmd = [
+        str(script),
+        "build",
+        str(REPO_ROOT / "book"),
+        "-W",
+        "--keep-going",
+        "--path-output",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, (
+        f"`{' '.join(cmd)}` exited with {proc.returncode}:\n"
+        f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    )
+    return out / "_build" / "html"
