@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 PALETTE = "colorblind"
@@ -23,6 +26,126 @@ def set_style() -> None:
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "savefig.bbox": "tight"})
 
 
+LARGE_TEXT_SCALE = 1.3
+"""Font scale of charts read at a glance from a distance (accuracy bars, ablation bars)."""
+
+
+def large_text() -> AbstractContextManager[None]:
+    """Context in which figures are drawn with larger text (``with plots.large_text(): ...``).
+
+    Why: grouped bar charts carry their message in tick labels, legend and values; at the
+    notebook's default size these were too small to read on the page.
+    """
+    return sns.plotting_context("notebook", font_scale=LARGE_TEXT_SCALE)
+
+
+def wrap_labels(labels: Sequence[str], width: int = 28) -> list[str]:
+    """Break long tick labels (e.g. FB15k-237 relation paths) into lines of at most `width`.
+
+    Words longer than `width`, such as ``/people/person/nationality``, are split at slashes,
+    dots and underscores first, so that a line break falls between path components.
+    """
+    return [_wrap_label(str(label), width) for label in labels]
+
+
+def _wrap_label(label: str, width: int) -> str:
+    # Pieces end after a space or a path separator; a line takes pieces while they fit.
+    pieces = [p for p in re.split(r"(?<=[ /._])", label) if p]
+    lines, line = [], ""
+    for piece in pieces:
+        if line and len(line) + len(piece.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        while len(piece) > width:  # a single piece longer than a line is cut
+            lines.append(piece[:width])
+            piece = piece[width:]
+        line += piece
+    lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def legend_outside(ax: Axes, *, title: str | None = None) -> None:
+    """Move the axes' legend to the right of the plot area, where it cannot cover any bar."""
+    handles, labels = ax.get_legend_handles_labels()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    if handles:
+        ax.legend(
+            handles,
+            labels,
+            title=title,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+            frameon=False,
+        )
+
+
+def loss_curves(
+    log: pd.DataFrame,
+    panels: Mapping[str, str],
+    *,
+    step: str = "step",
+    window: int | None = None,
+) -> Figure:
+    """One panel per loss column of a training log: the raw per-step loss and its rolling mean.
+
+    `panels` maps a column of `log` to its panel title. The raw values are noisy (one batch per
+    step), so the smoothed curve, a rolling mean over `window` steps (default: a twentieth of
+    the run), is what the eye should follow; both are in the legend.
+    """
+    missing = sorted({step, *panels} - set(log.columns))
+    if missing:
+        raise ValueError(
+            f"loss_curves: the log lacks the columns {missing}; it has {list(log.columns)}"
+        )
+    window = window or max(1, len(log) // 20)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels), 3.4), layout="constrained", squeeze=False
+    )
+    for ax, (column, title) in zip(axes[0], panels.items(), strict=True):
+        ax.plot(log[step], log[column], alpha=0.3, color="C0", label="per step (raw)")
+        smooth = log[column].rolling(window, min_periods=1).mean()
+        ax.plot(log[step], smooth, color="C0", lw=2, label=f"rolling mean of {window} steps")
+        ax.set(xlabel="optimiser step", ylabel=f"{column} (loss)", title=title)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def barh_chart(
+    data: pd.DataFrame,
+    *,
+    value: str,
+    label: str,
+    hue: str | None = None,
+    order: Sequence[str] | None = None,
+    xlabel: str | None = None,
+    wrap: int = 28,
+) -> Figure:
+    """Horizontal bars for categories with long names (e.g. per-relation MRR).
+
+    Labels are wrapped to `wrap` characters, the figure grows with the number of categories
+    and label lines, and the legend sits outside the bars.
+    """
+    missing = sorted({value, label, *([hue] if hue else [])} - set(data.columns))
+    if missing:
+        raise ValueError(
+            f"barh_chart: `data` lacks the columns {missing}; it has {list(data.columns)}"
+        )
+    order = list(order) if order is not None else list(dict.fromkeys(data[label]))
+    labels = wrap_labels(order, wrap)
+    lines = sum(text.count("\n") + 1 for text in labels)
+    n_hue = data[hue].nunique() if hue else 1
+    height = 1.0 + 0.22 * max(lines, len(order) * n_hue * 0.8)
+    fig, ax = plt.subplots(figsize=(8.0, height), layout="constrained")
+    sns.barplot(data, y=label, x=value, hue=hue, order=order, orient="y", ax=ax)
+    ax.set_yticks(range(len(order)), labels)
+    ax.set(xlabel=xlabel or value, ylabel="")
+    if hue:
+        legend_outside(ax, title=hue)
+    return fig
+
+
 def similarity_heatmaps(
     mats: Mapping[str, np.ndarray],
     *,
@@ -31,11 +154,14 @@ def similarity_heatmaps(
     cmap: str = HEATMAP_CMAP,
     suptitle: str | None = None,
     panel_size: float = 3.4,
+    xlabel: str = "column j",
+    ylabel: str = "row i",
 ) -> Figure:
     """Side-by-side heatmaps of similarity matrices sharing ONE colour scale and ONE colorbar.
 
     A shared scale is what makes "base vs aligned" panels comparable at a glance; the keys of
-    `mats` are the panel titles.
+    `mats` are the panel titles. `xlabel` and `ylabel` name what the columns and rows are
+    (e.g. "tail view t_j" and "head–relation view hr_i"); the y label is on the first panel.
     """
     if not mats:
         raise ValueError("similarity_heatmaps: `mats` is empty; pass at least one named matrix.")
@@ -58,6 +184,8 @@ def similarity_heatmaps(
             yticklabels=False,
         )
         ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel if i == 0 else "")
     cax.set_ylabel("cosine similarity")
     if suptitle:
         fig.suptitle(suptitle)
