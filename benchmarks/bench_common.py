@@ -27,6 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import resolve
 from kalm.data import KnowledgeGraph, load_kg
+from kalm.durable import atomic_write_text
 from kalm.models import load_model
 from kalm.train import Trainer
 from kalm.views import ViewBuilder
@@ -131,9 +132,7 @@ def save(name: str, quick: bool, payload: dict[str, Any], load: Load) -> Path:
         "environment": environment(),
         **payload,
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
 

@@ -15,6 +15,7 @@ _SUBMODULES = (
     "analysis",
     "config",
     "data",
+    "durable",
     "evaluate",
     "losses",
     "models",

@@ -1,8 +1,10 @@
 """Experiment configuration: the root ``_config.yml`` read into frozen, typed dataclasses.
 
 Every experiment is identified by a :class:`RunConfig` (model, dataset, profile, seed and all
-hyper-parameters). Validation happens here, once, so that a typo in a papermill parameter fails
-before any model is loaded, with a message that lists the valid values.
+hyper-parameters). Validation happens here, once, so that a typo or an out-of-range value in a
+papermill parameter fails before any model is loaded, with a message that names the key, the value,
+the allowed range and where the value came from. The ranges live in one table, :data:`RULES`,
+apart from the dataclasses, and a test requires a rule for every field.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,12 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "RULES",
     "Config",
     "ConfigError",
     "EvalConfig",
     "ModelSpec",
+    "Range",
     "RunConfig",
     "TrainConfig",
     "config_path",
@@ -36,7 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
-    """An unknown name or a badly typed value in the configuration or a notebook parameter."""
+    """An unknown name, a badly typed or an out-of-range value in the configuration or a notebook
+    parameter."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class Config:
     models: Mapping[str, ModelSpec]
     datasets: tuple[str, ...]
     profiles: Mapping[str, Mapping[str, Any]]
+    path: Path  # the file it was read from, named in errors about its values
 
     def model(self, alias: str) -> ModelSpec:
         """The spec of a model alias; an unknown alias lists the valid ones."""
@@ -169,15 +176,173 @@ def _choose(
 # bucketed by two token lengths), so the run store never serves an adapter of older code.
 TRAINING_REVISION = 2
 
-_CHOICES: dict[str, tuple[str, ...]] = {"encode_dtype": ("float32", "bfloat16")}
+
+# --- value rules ---------------------------------------------------------------------------------
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Coerce ``value`` to ``hint`` where lossless (int -> float, list -> tuple) or raise."""
+@dataclass(frozen=True)
+class Range:
+    """Finite numbers between ``low`` and ``high`` (None: unbounded), each end in- or excluded.
+
+    Every numeric field has one, because a value outside its range fails late and obscurely: a
+    negative batch size hangs the batch sampler, ``tau = 0`` divides by zero after minutes of
+    training, an infinite margin turns every loss into NaN.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # what a boundary value means, e.g. "0 = all test queries"
+
+    def admits(self, value: Any) -> bool:
+        """True if ``value`` is a finite number inside the range."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """The range in words, e.g. ``a finite value with 0 <= value < 2``, for error messages."""
+        below = "<" if self.low_open else "<="
+        above = "<" if self.high_open else "<="
+        if self.low is not None and self.high is not None:
+            text = f"a finite value with {self.low:g} {below} value {above} {self.high:g}"
+        elif self.low is not None:
+            text = f"a finite value {below.replace('<', '>')} {self.low:g}"
+        else:
+            text = f"a finite value {above} {self.high:g}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of values (booleans, names of dtypes)."""
+
+    values: tuple[Any, ...]
+
+    def admits(self, value: Any) -> bool:
+        """True if ``value`` is one of the allowed values (``True`` is not ``1`` here)."""
+        return any(type(value) is type(v) and value == v for v in self.values)
+
+    def describe(self) -> str:
+        """The allowed values, e.g. ``one of float32, bfloat16``."""
+        shown = (str(v).lower() if isinstance(v, bool) else str(v) for v in self.values)
+        return "one of " + ", ".join(shown)
+
+
+@dataclass(frozen=True)
+class Names:
+    """A non-empty list of distinct, non-empty names (the modules LoRA adapts)."""
+
+    def admits(self, value: Any) -> bool:
+        """True if ``value`` is a non-empty tuple of distinct non-empty strings."""
+        return bool(value) and all(value) and len(set(value)) == len(value)
+
+    def describe(self) -> str:
+        """The rule in words."""
+        return "a non-empty list of distinct, non-empty module names"
+
+
+Rule = Range | OneOf | Names
+# Where a key's value came from, in words (empty when the message's prefix already says it).
+Origin = Callable[[str], str]
+
+_POSITIVE = Range(0, low_open=True)
+_COUNT = Range(1)
+_FLAG = OneOf((False, True))
+
+
+def _all(what: str) -> Range:
+    return Range(0, note=f"0 = {what}")
+
+
+# The allowed value of every field of TrainConfig and EvalConfig, and of the seed. A test fails
+# when a field has no rule, so a new hyper-parameter cannot skip validation.
+RULES: Mapping[str, Rule] = types.MappingProxyType(
+    {
+        # train
+        "lr": _POSITIVE,
+        "weight_decay": Range(0),
+        "batch_size": Range(2, note="in-batch negatives need a second example"),
+        "max_steps": _all("train for `epochs` epochs"),
+        "epochs": _POSITIVE,
+        "lm_fraction": Range(0, 1),
+        "lam": Range(0),
+        "tau": _POSITIVE,
+        "margin": Range(0, 2, high_open=True, note="cosine scores differ by at most 2"),
+        "learnable_tau": _FLAG,
+        "self_negatives": _FLAG,
+        "lora_r": _COUNT,
+        "lora_alpha": _POSITIVE,
+        "lora_dropout": Range(0, 1, high_open=True),
+        "lora_targets": Names(),
+        "max_entity_tokens": _COUNT,
+        "max_prompt_tokens": Range(2, note="one prompt token and one response token at least"),
+        "train_subset": _all("every training triple"),
+        "gradient_checkpointing": _FLAG,
+        "compile": _FLAG,
+        "gather_negatives": _FLAG,
+        "load_in_8bit": _FLAG,
+        "checkpoint_every": _COUNT,
+        # eval
+        "test_queries": _all("every test triple"),
+        "valid_queries": _all("every validation triple"),
+        "candidates": _all("every entity"),
+        "query_batch_size": _COUNT,
+        "entity_batch_size": _COUNT,
+        "kgqa_questions": _all("every test triple"),
+        "kgqa_shots": Range(0),
+        "kgqa_max_new_tokens": _COUNT,
+        "lm_tokens": _all("the whole test text"),
+        "lm_window": Range(2, note="a window predicts its tokens after the first"),
+        "lm_stride": _COUNT,
+        "analysis_triples": Range(2, note="similarity statistics need two rows"),
+        "analysis_sentences": Range(2, note="similarity statistics need two rows"),
+        "encode_dtype": OneOf(("float32", "bfloat16")),
+        # run
+        "seed": Range(0, note="numpy seeds are non-negative"),
+    }
+)
+
+# Pairs (a, b) that must satisfy a <= b when both belong to one section.
+AT_MOST: tuple[tuple[str, str], ...] = (("lm_stride", "lm_window"),)
+
+
+def _check_rules(values: Mapping[str, Any], where: str, origin: Origin) -> None:
+    """Raise ConfigError for the first value outside its rule or pair of :data:`AT_MOST`."""
+    prefix = f"{where}." if where else ""
+    for name, value in values.items():
+        rule = RULES.get(name)
+        if rule is not None and not rule.admits(value):
+            raise ConfigError(
+                f"{prefix}{name} = {value!r} is invalid: it must be {rule.describe()}"
+                f"{_from(origin, name)}"
+            )
+    for small, large in AT_MOST:
+        if small in values and large in values and values[small] > values[large]:
+            raise ConfigError(
+                f"{prefix}{small} = {values[small]!r} is invalid: it must be <= "
+                f"{large} = {values[large]!r}{_from(origin, small, large)}"
+            )
+
+
+def _from(origin: Origin, *names: str) -> str:
+    """``"; <where name came from>"`` for error messages, or nothing if the origin is known."""
+    said = dict.fromkeys(origin(n) for n in names if origin(n))
+    return "".join(f"; {text}" for text in said)
+
+
+def _check_type(value: Any, hint: Any, where: str, source: str = "") -> Any:
+    """Coerce ``value`` to ``hint`` where lossless (int -> float, list -> tuple) or raise.
+
+    ``source`` ends the error message: where the value came from (``"; from the override …"``).
+    """
     origin = typing.get_origin(hint)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}{source}")
         return tuple(value)
     if origin in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -188,12 +353,13 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(
             f"{where} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})"
+            f"{source}"
         )
     return value
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    """Construct dataclass ``cls`` from ``data``, checking names and types."""
+def _build(cls: type, data: Mapping[str, Any], where: str, origin: Origin = lambda _: "") -> Any:
+    """Construct dataclass ``cls`` from ``data``, checking names, types and :data:`RULES`."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -203,10 +369,10 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     missing = [n for n in required if n not in data]
     if missing:
         raise ConfigError(f"{where}: missing field(s) {missing}")
-    values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    for name, valid in _CHOICES.items():
-        if name in values:
-            values[name] = _choose(values[name], valid, name, f"{where}.{name}: ")
+    values = {
+        k: _check_type(v, hints[k], f"{where}.{k}", _from(origin, k)) for k, v in data.items()
+    }
+    _check_rules(values, where, origin)
     return cls(**values)
 
 
@@ -231,8 +397,10 @@ def load_config(path: str | Path | None = None) -> Config:
     }
     profiles = raw["profiles"]
     for name, prof in profiles.items():
-        _build(TrainConfig, prof["train"], f"{path}: profiles.{name}.train")
-        _build(EvalConfig, prof["eval"], f"{path}: profiles.{name}.eval")
+        for cls, section in ((TrainConfig, "train"), (EvalConfig, "eval")):
+            if not isinstance(prof[section], dict):
+                raise ConfigError(f"{path}: profiles.{name}.{section} must be a mapping")
+            _build(cls, prof[section], f"{path}: profiles.{name}.{section}")
     for alias, spec in models.items():
         _choose(
             spec.default_profile, profiles, "profile", f"{path}: models.{alias}.default_profile: "
@@ -242,6 +410,7 @@ def load_config(path: str | Path | None = None) -> Config:
         models=types.MappingProxyType(models),
         datasets=tuple(raw["datasets"]),
         profiles=types.MappingProxyType(profiles),
+        path=path,
     )
     _choose(config.default_model, models, "model", f"{path}: default_model: ")
     return config
@@ -260,14 +429,20 @@ def resolve(
     ``profile="auto"`` takes ``KALM_PROFILE`` from the environment if set, else the model's default
     profile. ``overrides`` may name any field of :class:`TrainConfig` or :class:`EvalConfig`
     (e.g. ``lam=0.1``); ``None`` values are ignored so notebooks can pass optional parameters.
+    Every value is checked against :data:`RULES`; an error says whether the value came from an
+    override or from the configuration file's profile (and whether ``KALM_PROFILE`` chose it).
     """
     config = config or load_config()
     spec = config.model(model)
     dataset = _choose(dataset, config.datasets, "dataset")
+    env_profile = os.environ.get("KALM_PROFILE") if profile == "auto" else None
     if profile == "auto":
-        profile = os.environ.get("KALM_PROFILE") or spec.default_profile
-    profile = _choose(profile, config.profiles, "profile")
-    seed = _check_type(seed, int, "seed")
+        profile = env_profile or spec.default_profile
+    chosen_by = f" (profile chosen by KALM_PROFILE={env_profile!r})" if env_profile else ""
+    profile = _choose(profile, config.profiles, "profile", "KALM_PROFILE: " if env_profile else "")
+    seed_origin = "from the seed argument (a notebook parameter or keyword argument of resolve)"
+    seed = _check_type(seed, int, "seed", f"; {seed_origin}")
+    _check_rules({"seed": seed}, "", lambda _: seed_origin)
     train_fields = {f.name for f in fields(TrainConfig)}
     eval_fields = {f.name for f in fields(EvalConfig)}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -280,11 +455,23 @@ def resolve(
     prof = config.profiles[profile]
     train = {**prof["train"], **{k: v for k, v in overrides.items() if k in train_fields}}
     ev = {**prof["eval"], **{k: v for k, v in overrides.items() if k in eval_fields}}
+
+    def origin(section: str) -> Origin:
+        def told(key: str) -> str:
+            if key in overrides:
+                return (
+                    f"from the override {key}={overrides[key]!r} "
+                    "(a notebook parameter or keyword argument of resolve)"
+                )
+            return f"from {config.path}: profiles.{profile}.{section}.{key}{chosen_by}"
+
+        return told
+
     return RunConfig(
         model=spec,
         dataset=dataset,
         profile=profile,
         seed=seed,
-        train=_build(TrainConfig, train, f"profile {profile}: train"),
-        eval=_build(EvalConfig, ev, f"profile {profile}: eval"),
+        train=_build(TrainConfig, train, f"profile {profile}: train", origin("train")),
+        eval=_build(EvalConfig, ev, f"profile {profile}: eval", origin("eval")),
     )

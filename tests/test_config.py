@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -123,8 +126,7 @@ def test_kalm_profile_overrides_auto_but_not_an_explicit_profile(
         ({"seed": "1"}, r"seed must be of type int"),
         (
             {"encode_dtype": "fp16"},
-            r"eval\.encode_dtype: unknown encode_dtype 'fp16'; "
-            r"valid encode_dtypes: float32, bfloat16",
+            r"eval\.encode_dtype = 'fp16' is invalid: it must be one of float32, bfloat16",
         ),
     ],
 )
@@ -161,15 +163,184 @@ def test_as_dict_is_plain_json() -> None:
     assert d["model"]["alias"] == "smollm2" and d["profile"] == "smoke"
 
 
+# --- value ranges (kalm.config.RULES) -----------------------------------------------------------
+
+# Per rule: values it must reject, and overrides at its boundary that it must accept (resolved
+# on the smoke profile, whose lm_window is 128 and lm_stride 64).
+RULE_CASES: dict[str, tuple[list, list[dict]]] = {
+    "lr": ([0, -1, math.inf, math.nan], [{"lr": 1e-9}]),
+    "weight_decay": ([-0.1, math.inf], [{"weight_decay": 0}]),
+    "batch_size": ([-8, 0, 1], [{"batch_size": 2}]),
+    "max_steps": ([-1], [{"max_steps": 0}]),
+    "epochs": ([0, -1.0, math.inf], [{"epochs": 0.5}]),
+    "lm_fraction": ([-0.1, 1.5, math.nan], [{"lm_fraction": 0}, {"lm_fraction": 1}]),
+    "lam": ([-0.01, math.inf], [{"lam": 0}]),
+    "tau": ([0, -0.05, math.inf], [{"tau": 1e-4}]),
+    "margin": ([-0.1, 2, math.inf, math.nan], [{"margin": 0}, {"margin": 1.99}]),
+    "learnable_tau": ([1, "yes"], [{"learnable_tau": True}]),
+    "self_negatives": ([0], [{"self_negatives": False}]),
+    "lora_r": ([0, -4], [{"lora_r": 1}]),
+    "lora_alpha": ([0, -16], [{"lora_alpha": 1}]),
+    "lora_dropout": ([-0.1, 1.0, math.nan], [{"lora_dropout": 0.99}]),
+    "lora_targets": ([[], ["q_proj", "q_proj"], [""]], [{"lora_targets": ["v_proj"]}]),
+    "max_entity_tokens": ([0, -1], [{"max_entity_tokens": 1}]),
+    "max_prompt_tokens": ([1, 0], [{"max_prompt_tokens": 2}]),
+    "train_subset": ([-1], [{"train_subset": 0}]),
+    "gradient_checkpointing": ([1], [{"gradient_checkpointing": True}]),
+    "compile": (["no"], [{"compile": True}]),
+    "gather_negatives": ([0], [{"gather_negatives": True}]),
+    "load_in_8bit": ([1], [{"load_in_8bit": True}]),
+    "checkpoint_every": ([0, -2], [{"checkpoint_every": 1}]),
+    "test_queries": ([-1], [{"test_queries": 0}]),
+    "valid_queries": ([-1], [{"valid_queries": 0}]),
+    "candidates": ([-1], [{"candidates": 0}]),
+    "query_batch_size": ([-1, 0], [{"query_batch_size": 1}]),
+    "entity_batch_size": ([0, -1], [{"entity_batch_size": 1}]),
+    "kgqa_questions": ([-1], [{"kgqa_questions": 0}]),
+    "kgqa_shots": ([-1], [{"kgqa_shots": 0}]),
+    "kgqa_max_new_tokens": ([0], [{"kgqa_max_new_tokens": 1}]),
+    "lm_tokens": ([-1], [{"lm_tokens": 0}]),
+    "lm_window": ([1, 0, 63], [{"lm_window": 2, "lm_stride": 2}, {"lm_window": 64}]),
+    "lm_stride": ([0, 129], [{"lm_stride": 1}, {"lm_stride": 128}]),
+    "analysis_triples": ([1, 0], [{"analysis_triples": 2}]),
+    "analysis_sentences": ([1], [{"analysis_sentences": 2}]),
+    "encode_dtype": (["fp16", "Float32"], [{"encode_dtype": "bfloat16"}]),
+    "seed": ([-1], [{"seed": 0}]),
+}
+
+
+def test_every_field_has_a_rule_and_a_test() -> None:
+    """A new field of TrainConfig or EvalConfig fails here until RULES gives its range."""
+    names = {f.name for cls in (config.TrainConfig, config.EvalConfig) for f in fields(cls)}
+    names.add("seed")
+    assert set(config.RULES) == names, "every field needs one rule in kalm.config.RULES"
+    assert set(RULE_CASES) == names
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(k, v) for k, (bad, _) in RULE_CASES.items() for v in bad]
+)
+def test_rule_rejects_an_override(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve(profile="smoke", **{key: value})
+    message = str(err.value)
+    assert f"{key} = " in message or f"{key} must be" in message
+    assert f"override {key}={value!r}" in message or key == "seed"
+    if "is invalid" in message and key not in ("lm_stride", "lm_window"):
+        assert config.RULES[key].describe() in message
+
+
+@pytest.mark.parametrize(
+    "override", [o for _, (_, good) in RULE_CASES.items() for o in good], ids=str
+)
+def test_rule_accepts_its_boundary(override: dict) -> None:
+    cfg = resolve(profile="smoke", **override)
+    key, value = next(iter(override.items()))
+    got = cfg.seed if key == "seed" else getattr(getattr(cfg, _section(key)), key)
+    assert got == (tuple(value) if isinstance(value, list) else value)
+
+
+FLOAT_FIELDS = {
+    f.name
+    for cls in (config.TrainConfig, config.EvalConfig)
+    for f in fields(cls)
+    if f.type == "float"
+}
+
+
+def _section(key: str) -> str:
+    return "train" if key in {f.name for f in fields(config.TrainConfig)} else "eval"
+
+
+# The probes of issue 15: each failed late (a hang, a ZeroDivisionError, NaN scores, silent runs).
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("batch_size", -8, "a finite value >= 2"),
+        ("test_queries", -1, "a finite value >= 0 (0 = every test triple)"),
+        ("tau", 0, "a finite value > 0"),
+        ("lr", -1, "a finite value > 0"),
+        ("margin", math.inf, "a finite value with 0 <= value < 2"),
+        ("checkpoint_every", 0, "a finite value >= 1"),
+        ("query_batch_size", -1, "a finite value >= 1"),
+        ("query_batch_size", 0, "a finite value >= 1"),
+        ("max_entity_tokens", 0, "a finite value >= 1"),
+        ("entity_batch_size", 0, "a finite value >= 1"),
+    ],
+)
+def test_probes_fail_at_resolve_naming_key_value_range_and_origin(
+    key: str, value: float, allowed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KALM_PROFILE", "cpu")
+    with pytest.raises(ConfigError) as err:
+        resolve(**{key: value}, candidates=300 if key == "test_queries" else None)
+    shown = float(value) if key in FLOAT_FIELDS else value
+    assert str(err.value).startswith(f"profile cpu: {_section(key)}.{key} = {shown!r} is invalid")
+    assert allowed in str(err.value)
+    assert f"from the override {key}={value!r}" in str(err.value)
+
+
+def test_a_pair_rule_names_both_origins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KALM_PROFILE", "cpu")
+    with pytest.raises(ConfigError) as err:
+        resolve(lm_stride=999)
+    message = str(err.value)
+    assert message.startswith(
+        "profile cpu: eval.lm_stride = 999 is invalid: it must be <= lm_window"
+    )
+    assert "from the override lm_stride=999" in message
+    assert f"from {config_path()}: profiles.cpu.eval.lm_window" in message
+    assert "(profile chosen by KALM_PROFILE='cpu')" in message
+
+
+def test_an_unknown_profile_from_the_environment_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KALM_PROFILE", "gpu")
+    with pytest.raises(ConfigError, match=r"^KALM_PROFILE: unknown profile 'gpu'"):
+        resolve()
+
+
+@pytest.mark.parametrize(
+    ("profile", "section", "key", "value"),
+    [
+        ("cpu", "train", "lr", -1.0),
+        ("paper", "train", "margin", math.inf),
+        ("smoke", "train", "checkpoint_every", 0),
+        ("smoke", "eval", "query_batch_size", 0),
+        ("cpu", "eval", "lm_stride", 999),
+        ("paper", "train", "lora_targets", []),
+    ],
+)
+def test_config_file_values_are_checked_on_load(
+    tmp_path: Path, profile: str, section: str, key: str, value: object
+) -> None:
+    path = write_config(tmp_path, {("profiles", profile, section, key): value})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    shown = tuple(value) if isinstance(value, list) else value
+    assert str(err.value).startswith(
+        f"{path}: profiles.{profile}.{section}.{key} = {shown!r} is invalid: it must be"
+    )
+
+
+def test_an_invalid_kalm_config_fails_resolve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, {("profiles", "paper", "train", "tau"): 0.0})
+    monkeypatch.setenv("KALM_CONFIG", str(path))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: profiles\.paper\.train\.tau"):
+        resolve(profile="smoke")  # the whole file is checked, not only the profile in use
+
+
 # --- the training key ---------------------------------------------------------------------------
 
 EVAL_FIELDS = [f.name for f in dataclasses.fields(type(resolve().eval)) if f.type == "int"]
 
 
 @settings(max_examples=30, deadline=None)
-@given(field=st.sampled_from(EVAL_FIELDS), value=st.integers(1, 10_000))
+@given(field=st.sampled_from(EVAL_FIELDS), value=st.integers(2, 10_000))
 def test_train_key_ignores_evaluation_sizes(field: str, value: int) -> None:
-    assert resolve(**{field: value}).train_key() == resolve().train_key()
+    wide = {"lm_window": 10_000, "lm_stride": 1}  # any size in range keeps lm_stride <= lm_window
+    assert resolve(**{**wide, field: value}).train_key() == resolve().train_key()
     assert resolve(encode_dtype="bfloat16").train_key() == resolve().train_key()
 
 

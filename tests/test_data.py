@@ -296,3 +296,17 @@ def test_missing_file_without_download(tmp_path: Path, monkeypatch: pytest.Monke
     assert "train.tsv" in message and "KALM_DATA_DIR" in message
     assert str(tmp_path / "data" / "fb15k237") in message
     assert str(tmp_path / "cache" / "data" / "fb15k237") in message
+
+
+@pytest.mark.parametrize("role", ["entities", "relations", "train", "valid", "test"])
+@pytest.mark.parametrize("content", ["", "\r\n"])
+def test_empty_file_is_named(tiny: dict[str, Path], role: str, content: str) -> None:
+    """An empty id list or split is blamed on itself, not on the first file that reads it."""
+    tiny[role].write_text(content)
+    expected = (
+        rf"{role}\.txt is empty; expected one"
+        if content == ""
+        else rf"{role}\.txt, line 1: malformed line"
+    )
+    with pytest.raises(DataError, match=expected):
+        read_kg(get_dataset("wn18rr"), tiny)

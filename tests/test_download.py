@@ -162,3 +162,20 @@ def test_load_wn18rr_from_mirror(
         ["dev.tsv", "entities.txt", "relation2text.txt", "relations.txt", "test.tsv",
          "train.tsv", "wordnet-mlj12-definitions.txt"]
     )
+
+
+def test_same_size_edit_with_restored_mtime_is_caught(tmp_path: Path) -> None:
+    """Size and mtime can be restored by hand; the stamp's ctime and inode cannot."""
+    folder = tmp_path / "data" / "toy"
+    folder.mkdir(parents=True)
+    path = folder / "t.tsv"
+    path.write_bytes(PAYLOAD)
+    dataset_files(_spec(), tmp_path / "data", tmp_path / "cache")
+    before = path.stat()
+    with path.open("r+b") as f:  # same size, same inode, other bytes
+        f.write(b"X")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(DataError, match=r"checksum mismatch for .*t\.tsv"):
+        dataset_files(_spec(), tmp_path / "data", tmp_path / "cache")
+    assert _leftovers(tmp_path / "cache") == [".verified.json"]

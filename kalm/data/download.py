@@ -1,18 +1,15 @@
 """Hashing and atomic, checksum-verified downloads.
 
-A download is written to a hidden temporary file next to its destination, hashed while it
-streams, and renamed into place only when complete and correct, so an interrupted or corrupted
-transfer never leaves a file that a later run would mistake for good data.
+A download is written through `kalm.durable.atomic_writer` (a temporary file next to its
+destination), hashed while it streams, and renamed into place only when complete and correct, so
+an interrupted or corrupted transfer never leaves a file that a later run would mistake for good
+data.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import hashlib
 import http.client
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,19 +18,12 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from kalm.data.errors import DataError
+from kalm.durable import atomic_writer, sha256_file
+
+__all__ = ["download", "sha256_file"]  # sha256_file re-exported for the data readers
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
-
-
-def sha256_file(path: Path, *, decompress: bool = False) -> str:
-    """Hex sha256 of a file's bytes (of its gunzipped content with `decompress=True`)."""
-    digest = hashlib.sha256()
-    opener = gzip.open if decompress else open
-    with opener(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: Path, expected: set[str]) -> None:
@@ -42,25 +32,14 @@ def download(url: str, dest: Path, expected: set[str]) -> None:
     `dest` appears only after a complete, verified transfer (atomic rename); any failure
     removes the temporary file.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            got = _stream(url, out, dest.name)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_writer(dest, "wb") as out:
+        got = _stream(url, out, dest.name)
         if got not in expected:
             raise DataError(
                 f"checksum mismatch for {dest.name} downloaded from {url}: expected sha256 "
                 f"{' or '.join(sorted(expected))}, got {got}. Nothing was saved; the source or "
                 "mirror (KALM_DATA_URL) serves different bytes; fix or change it and retry."
             )
-        tmp.chmod(0o644)  # mkstemp makes the file private; data files are not secret
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _stream(url: str, out: BinaryIO, label: str) -> str:

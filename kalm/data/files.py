@@ -4,7 +4,9 @@ Search order for `<dataset>/<file>`: the `data_dir` argument, else `$KALM_DATA_D
 user cache `$KALM_CACHE_DIR/data` (default `~/.cache/kalm/data`). Missing files are downloaded
 into the cache from the public source, or from `$KALM_DATA_URL` (a mirror laid out like the
 reference data directory). Verified hashes are remembered in a stamp file inside the cache,
-keyed by path, size and mtime, so a read-only data directory is hashed only once.
+keyed by path, size, mtime, ctime and inode, so a read-only data directory is hashed only once
+while any rewrite of a file (even one that keeps its size and restores its mtime) is hashed
+again.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from kalm.data.download import download, sha256_file
 from kalm.data.errors import DataError
 from kalm.data.registry import DataFile, DatasetSpec
+from kalm.durable import atomic_write_json
 
 _STAMP_NAME = ".verified.json"
 
@@ -112,27 +114,37 @@ def _verify(path: Path, f: DataFile, stamps: _Stamps) -> None:
 
 
 class _Stamps:
-    """Remembered verifications: path -> (size, mtime_ns, sha256), stored as JSON in the cache."""
+    """Remembered verifications: path -> (identity, sha256), stored as JSON in the cache.
+
+    The identity is size, mtime, ctime and inode. Size and mtime alone can be faked (an edit
+    that keeps the size, then ``touch -d`` to restore the mtime); ctime cannot be set by a
+    user and changes with every write or ``utime``, and a replaced file has a new inode.
+    """
 
     def __init__(self, file: Path) -> None:
         self.file = file
         self.changed = False
         try:
-            self.entries: dict[str, list] = json.loads(file.read_text())
+            entries = json.loads(file.read_text())
         except (OSError, ValueError):
-            self.entries = {}
+            entries = {}
+        # A damaged stamp file only costs re-hashing.
+        self.entries: dict[str, list] = entries if isinstance(entries, dict) else {}
+
+    @staticmethod
+    def _identity(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
     def known(self, path: Path) -> str | None:
         """The stored sha256 of `path` if it has not changed since it was verified."""
         entry = self.entries.get(str(path))
-        st = path.stat()
-        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
-            return entry[2]
+        if isinstance(entry, list) and entry[:-1] == self._identity(path):
+            return entry[-1]
         return None
 
     def record(self, path: Path, sha256: str) -> None:
-        st = path.stat()
-        self.entries[str(path)] = [st.st_size, st.st_mtime_ns, sha256]
+        self.entries[str(path)] = [*self._identity(path), sha256]
         self.changed = True
 
     def save(self) -> None:
@@ -140,8 +152,4 @@ class _Stamps:
         if not self.changed:
             return
         with contextlib.suppress(OSError):
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=".verified.", suffix=".part")
-            with os.fdopen(fd, "w") as out:
-                json.dump(self.entries, out)
-            os.replace(tmp, self.file)
+            atomic_write_json(self.file, self.entries)

@@ -31,9 +31,18 @@ def read_lines(path: Path) -> list[str]:
     return lines
 
 
-def read_fields(path: Path, count: int) -> list[list[str]]:
-    """Split every line on tabs into exactly `count` non-empty fields."""
+def read_fields(path: Path, count: int, *, what: str = "") -> list[list[str]]:
+    """Split every line on tabs into exactly `count` non-empty fields.
+
+    With `what` (e.g. "one entity id per line") the file must have a line: an empty id list or
+    split is a truncated file, and saying so here beats an error about whichever file reads it.
+    """
     rows = [line.split("\t") for line in read_lines(path)]
+    if what and not rows:
+        raise DataError(
+            f"{path} is empty; expected {what}. The file is truncated or not the dataset's; "
+            "replace it with a complete copy (a downloaded file: delete it to fetch it again)."
+        )
     for number, row in enumerate(rows, start=1):
         if len(row) != count or not all(row):
             _malformed(path, number, row, f"{count} non-empty tab-separated fields")
@@ -41,8 +50,9 @@ def read_fields(path: Path, count: int) -> list[list[str]]:
 
 
 def read_ids(path: Path) -> tuple[str, ...]:
-    """An id list (one per line, order = integer id); ids must be unique and tab-free."""
-    ids = tuple(row[0] for row in read_fields(path, 1))
+    """An id list (one per line, order = integer id); ids must be unique and tab-free and there
+    must be at least one."""
+    ids = tuple(row[0] for row in read_fields(path, 1, what="one id per line"))
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         for number, value in enumerate(ids, start=1):
@@ -60,8 +70,9 @@ def read_mapping(path: Path) -> dict[str, str]:
 def read_triples(
     path: Path, entity_index: dict[str, int], relation_index: dict[str, int]
 ) -> np.ndarray:
-    """Triples `head<TAB>relation<TAB>tail` as an int64 (n, 3) array of integer ids."""
-    rows = read_fields(path, 3)
+    """Triples `head<TAB>relation<TAB>tail` as an int64 (n, 3) array of integer ids (at least
+    one: an empty split would make every metric on it vacuous)."""
+    rows = read_fields(path, 3, what="one head<TAB>relation<TAB>tail triple per line")
     try:
         ids = [(entity_index[h], relation_index[r], entity_index[t]) for h, r, t in rows]
     except KeyError:
