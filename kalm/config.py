@@ -298,9 +298,10 @@ def resolve(
     """Resolve notebook parameters into a :class:`RunConfig`.
 
     ``model`` defaults to the configuration's ``default_model`` and ``dataset`` to the first of
-    its ``datasets``. ``profile="auto"`` takes ``KALM_PROFILE`` from the environment if set, else the model's default
-    profile. ``overrides`` may name any field of :class:`TrainConfig` or :class:`EvalConfig`
-    (e.g. ``lam=0.1``); ``None`` values are ignored so notebooks can pass optional parameters.
+    its ``datasets``. ``profile="auto"`` takes ``KALM_PROFILE`` from the environment if set, else
+    the model's default profile. ``overrides`` may name any field of :class:`TrainConfig` or
+    :class:`EvalConfig` (e.g. ``lam=0.1``); ``None`` values are ignored so notebooks can pass
+    optional parameters.
     """
     config = config or load_config()
     spec = config.model(model or config.default_model)
