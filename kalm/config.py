@@ -116,11 +116,12 @@ class EvalConfig:
     kgqa_batch_size: int
     lm_batch_size: int
     rank_chunk_size: int
-    # Representation analysis: sentence truncation (the last kept token is pooled) and the least
+    # Representation analysis: sentence truncation (the last kept token is pooled), the least
     # number of rows behind reported statistics (a figure's 32 rows give noisy off-diagonal means;
-    # 0 keeps the figure's rows).
+    # 0 keeps the figure's rows) and the encoding batch size.
     sentence_tokens: int
     stats_min_rows: int
+    analysis_batch_size: int
     # Self-negative ablation: optimiser steps per arm, validation triples and candidates.
     ablation_steps: int
     ablation_queries: int
