@@ -1,4 +1,4 @@
-"""kalm.config (the root _config.yml, PAPER.md section 2) and kalm.paper (published numbers)."""
+"""kalm.config (the root _config.yml, the recipe of book/method.md) and kalm.paper (published numbers)."""
 
 from __future__ import annotations
 

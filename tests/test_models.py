@@ -1,7 +1,7 @@
 """kalm.models: loading (real SmolLM2, local directories, unreachable hub models) and embeddings.
 
 The embedding must not depend on how a text is batched: padding side, batch size and neighbours
-all change the padded tensor, never the last real token's hidden state (PAPER.md section 1).
+all change the padded tensor, never the last real token's hidden state (book/method.md).
 """
 
 from __future__ import annotations

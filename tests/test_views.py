@@ -1,4 +1,4 @@
-"""kalm.views: the recipe's view templates (PAPER.md section 1), tokenisation and batching."""
+"""kalm.views: the recipe's view templates (book/method.md), tokenisation and batching."""
 
 from __future__ import annotations
 
