@@ -1,4 +1,4 @@
-"""kalm.config (the root _config.yml, the recipe of book/method.md) and kalm.paper (published numbers)."""
+"""kalm.config (the root _config.yml; the recipe of book/method.md) and kalm.paper."""
 
 from __future__ import annotations
 
