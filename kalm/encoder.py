@@ -139,18 +139,21 @@ class Encoder:
         texts: Sequence[str],
         *,
         max_length: int | None = None,
+        batch_size: int | None = None,
         progress: bool = False,
         desc: str = "texts",
     ) -> torch.Tensor:
         """Embeddings of plain texts, cut to ``max_length`` tokens; no BOS/EOS is added (the
-        pooled token is the text's last one) and the LM head is never run."""
+        pooled token is the text's last one) and the LM head is never run. ``batch_size``
+        overrides the entity batch size."""
         ids = self.views.tokenizer(
             list(texts),
             add_special_tokens=False,
             truncation=max_length is not None,
             max_length=max_length,
         )["input_ids"]
-        return self.encode(ids, batch_size=self.entity_batch_size, progress=progress, desc=desc)
+        size = batch_size or self.entity_batch_size
+        return self.encode(ids, batch_size=size, progress=progress, desc=desc)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Embeddings of one padded batch, on the model's device, in the model's current mode and
