@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import RunConfig
 from kalm.models import embed_batch
 from kalm.views import Batch, ViewBuilder, pad_batch
 
-__all__ = ["Encoder", "encode_ids"]
+__all__ = ["Encoder", "encode_ids", "encode_texts"]
 
 
 def encode_ids(
@@ -60,6 +61,36 @@ def encode_ids(
     model.train(was_training)
     assert out is not None
     return out
+
+
+def encode_texts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "texts",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Embeddings of plain texts, cut to ``max_length`` tokens. No BOS/EOS is added (the recipe's
+    views end with a closing bracket, which is the pooled token) and the LM head is never run."""
+    ids = tokenizer(
+        list(texts),
+        add_special_tokens=False,
+        truncation=max_length is not None,
+        max_length=max_length,
+    )["input_ids"]
+    return encode_ids(
+        model,
+        ids,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+        dtype=dtype,
+    )
 
 
 class Encoder:
@@ -143,17 +174,18 @@ class Encoder:
         progress: bool = False,
         desc: str = "texts",
     ) -> torch.Tensor:
-        """Embeddings of plain texts, cut to ``max_length`` tokens; no BOS/EOS is added (the
-        pooled token is the text's last one) and the LM head is never run. ``batch_size``
-        overrides the entity batch size."""
-        ids = self.views.tokenizer(
-            list(texts),
-            add_special_tokens=False,
-            truncation=max_length is not None,
+        """Embeddings of plain texts (see :func:`encode_texts`); ``batch_size`` overrides the
+        entity batch size."""
+        return encode_texts(
+            self.model,
+            self.views.tokenizer,
+            texts,
             max_length=max_length,
-        )["input_ids"]
-        size = batch_size or self.entity_batch_size
-        return self.encode(ids, batch_size=size, progress=progress, desc=desc)
+            batch_size=batch_size or self.entity_batch_size,
+            progress=progress,
+            desc=desc,
+            dtype=self.dtype,
+        )
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Embeddings of one padded batch, on the model's device, in the model's current mode and

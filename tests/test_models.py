@@ -21,14 +21,9 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import REPO_ROOT
-from kalm.models import (
-    ModelUnavailableError,
-    decoder_of,
-    encode,
-    encode_ids,
-    load_model,
-    pool_last_token,
-)
+from kalm.encoder import encode_ids
+from kalm.encoder import encode_texts as encode
+from kalm.models import ModelUnavailableError, decoder_of, load_model, pool_last_token
 from kalm.views import pad_batch
 
 TEXTS = [

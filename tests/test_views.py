@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from kalm.data import KnowledgeGraph
+from kalm.prompts import PROMPT_PREAMBLE
 from kalm.views import (
-    PROMPT_PREAMBLE,
     ViewBuilder,
     bucketed_batches,
     iterate_batches,
