@@ -13,6 +13,7 @@ from helpers import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from matplotlib.container import ErrorbarContainer
 
 from kalm import analysis, plots
 from kalm.data import KnowledgeGraph
@@ -170,6 +171,24 @@ def test_alignment_uniformity_plot_one_marker_per_row():
     plt.close(fig)
     with pytest.raises(ValueError, match=r"lacks the columns \['view'\]"):
         plots.alignment_uniformity_plot(points.drop(columns="view"))
+
+
+def test_kgqa_accuracy_plot_draws_every_bar_with_intervals_for_measurements():
+    tasks = {"head": "head prediction", "tail": "tail prediction"}
+    paper = {"paper": pd.Series({"tail": 40.0, "head": 20.0})}
+    summary = pd.DataFrame(
+        {"lenient": [0.5, 0.25], "lenient_lo": [0.3, 0.1], "lenient_hi": [0.7, 0.5]},
+        index=pd.Index(["head", "tail"], name="task"),
+    )
+    fig = plots.kgqa_accuracy_plot(paper, {"ours": summary}, tasks, title="KGQA")
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [20.0, 40.0, 50.0, 25.0]  # paper bars first, tasks in the given order
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(tasks.values())
+    errorbars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(errorbars) == 1  # error bars on the measurements only
+    assert ax.get_title() == "KGQA"
+    plt.close(fig)
 
 
 def test_stats_sample_size():
