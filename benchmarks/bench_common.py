@@ -29,6 +29,7 @@ from kalm.config import resolve
 from kalm.data import KnowledgeGraph, load_kg
 from kalm.durable import atomic_write_text
 from kalm.models import load_model
+from kalm.runs import Run
 from kalm.train import Trainer
 from kalm.views import ViewBuilder
 
@@ -162,7 +163,7 @@ class Workload:
 
     @cached_property
     def model_and_tokenizer(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        return load_model(self.cfg.model.alias)
+        return load_model(self.cfg.model)
 
     @property
     def model(self) -> PreTrainedModel:
@@ -178,14 +179,14 @@ class Workload:
 
     @cached_property
     def views(self) -> ViewBuilder:
-        return ViewBuilder(self.kg, self.tokenizer, self.cfg.train.max_entity_tokens)
+        return ViewBuilder.from_config(self.kg, self.tokenizer, self.cfg)
 
     @cached_property
     def trainer(self) -> Trainer:
         """A ``cpu``-profile trainer on a fresh copy of the model (LoRA wraps it in place)."""
-        model, tokenizer = load_model(self.cfg.model.alias)
-        run_dir = Path(tempfile.mkdtemp(prefix="kalm-bench-"))  # Trainer writes only in fit()
-        return Trainer(model, tokenizer, self.kg, self.cfg, run_dir)
+        model, tokenizer = load_model(self.cfg.model)
+        run = Run(Path(tempfile.mkdtemp(prefix="kalm-bench-")))  # Trainer writes only in fit()
+        return Trainer(model, tokenizer, self.kg, self.cfg, run)
 
     def mfu(self, flops: float, seconds: float) -> float:
         """Model FLOP utilisation against this run's measured matmul peak."""

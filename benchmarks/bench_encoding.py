@@ -1,4 +1,4 @@
-"""Entity encoding throughput: ``kalm.models.encode_ids`` on WN18RR tail views.
+"""Entity encoding throughput: ``kalm.encoder.encode_ids`` on WN18RR tail views.
 
 MFU counts real tokens only (``2 P`` FLOPs each, P = non-embedding parameters), so the FLOPs
 spent on padding show up as lost utilisation, as they should.
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from bench_common import THREADS, Workload
 
+from kalm.encoder import encode_ids
 from kalm.flops import forward_flops
-from kalm.models import encode_ids
 
 BATCH_SIZES = (32, 64, 128, 256)
 

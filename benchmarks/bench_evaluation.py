@@ -18,6 +18,7 @@ import torch
 from bench_common import Workload
 from bench_encoding import sample_entities, time_encode
 
+from kalm.encoder import Encoder
 from kalm.evaluate.kgc import rank_queries
 from kalm.evaluate.protocol import KGCResult, evaluate_kgc
 from kalm.flops import forward_flops
@@ -48,7 +49,7 @@ def estimate(w: Workload, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
     n = 128 if quick else 1024
     ev = w.cfg.eval
     started = time.perf_counter()
-    views = ViewBuilder(w.kg, w.tokenizer, w.cfg.train.max_entity_tokens)
+    views = ViewBuilder.from_config(w.kg, w.tokenizer, w.cfg)
     view_seconds = time.perf_counter() - started
     started = time.perf_counter()
     known = w.kg.known_answers()
@@ -114,7 +115,8 @@ def evaluate(w: Workload, progress: bool, **eval_overrides: Any) -> tuple[KGCRes
     cfg = replace(w.cfg, eval=replace(w.cfg.eval, **eval_overrides))
     run = Run(Path(tempfile.mkdtemp(prefix="kalm-bench-eval-")))
     started = time.perf_counter()
-    result = evaluate_kgc(w.model, w.tokenizer, w.kg, cfg, run, progress=progress)
+    encoder = Encoder.from_config(w.model, ViewBuilder.from_config(w.kg, w.tokenizer, cfg), cfg)
+    result = evaluate_kgc(encoder, cfg, run, progress=progress)
     return result, time.perf_counter() - started
 
 

@@ -10,41 +10,42 @@ with gradient).
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from bench_common import Workload, peak_rss_mb
 
 from kalm.config import resolve
 from kalm.flops import PassTokens, StepFlops, kalm_step_flops, recipe_step_flops
 from kalm.models import load_model
+from kalm.runs import Run
 from kalm.train import Trainer
-from kalm.views import iterate_batches
+from kalm.views import Batch, KaLMBatch, iterate_batches
 
 MEMORY_GB = 16.0
 
 
-def pass_tokens(trainer: Trainer, batch: np.ndarray) -> tuple[PassTokens, PassTokens, int]:
+def pass_tokens(batch: KaLMBatch) -> tuple[PassTokens, PassTokens, int]:
     """Real token counts of each pass of one step as this library runs it, the same for full
     prompts (as the recipe runs them), and the padded total actually computed."""
-    tcfg, views = trainer.tcfg, trainer.views
-    heads, rels, tails = (c.tolist() for c in trainer.examples[batch].T)
-    hr, tail = views.hr_ids(heads, rels), views.tail_ids(tails)
-    own = views.tail_ids(heads) if tcfg.self_negatives else []
-    prefix, rows, plens = trainer.lm_prompts(heads, rels, tails)
-    passes = (hr, tail, own, rows)
-    padded = len(prefix) + sum(len(p) * max(map(len, p)) for p in passes if p)
+    passes = [p for p in (batch.hr, batch.tail, batch.self_negative, batch.lm) if p is not None]
+    prefix = 0 if batch.lm_prefix is None else batch.lm_prefix.shape[1]
+    padded = prefix + sum(p.attention_mask.numel() for p in passes)
+
+    def real(view: Batch | None) -> int:
+        return 0 if view is None else int(view.attention_mask.sum())
+
+    rows = [] if batch.lm is None else batch.lm.attention_mask.sum(1).tolist()
+    plens = [] if batch.prompt_lengths is None else batch.prompt_lengths.tolist()
     ours = PassTokens(
-        hr=sum(map(len, hr)),
-        tail=sum(map(len, tail)),
-        self_negative=sum(map(len, own)),
-        lm=len(prefix) + sum(map(len, rows)),
-        response=sum(len(r) - p for r, p in zip(rows, plens, strict=True)),
+        hr=real(batch.hr),
+        tail=real(batch.tail),
+        self_negative=real(batch.self_negative),
+        lm=prefix + sum(rows),
+        response=sum(r - p for r, p in zip(rows, plens, strict=True)),
     )
-    return ours, replace(ours, lm=sum(len(prefix) + len(r) for r in rows)), padded
+    return ours, replace(ours, lm=sum(prefix + r for r in rows)), padded
 
 
 def trainer_for(w: Workload, batch_size: int) -> Trainer:
@@ -53,28 +54,14 @@ def trainer_for(w: Workload, batch_size: int) -> Trainer:
     if batch_size == w.cfg.train.batch_size:
         return w.trainer
     cfg = resolve(profile="cpu", batch_size=batch_size)
-    model, tokenizer = load_model(cfg.model.alias)
-    return Trainer(model, tokenizer, w.kg, cfg, Path(tempfile.mkdtemp(prefix="kalm-bench-")))
+    model, tokenizer = load_model(cfg.model)
+    return Trainer(model, tokenizer, w.kg, cfg, Run(Path(tempfile.mkdtemp(prefix="kalm-bench-"))))
 
 
 def _step_flops(trainer: Trainer, tokens: PassTokens, recipe: bool = False) -> StepFlops:
     tcfg = trainer.tcfg
     count = recipe_step_flops if recipe else kalm_step_flops
     return count(trainer.peft_model.config, tokens, tcfg.lora_targets, tcfg.lora_r)
-
-
-def one_step(trainer: Trainer, batch: np.ndarray) -> dict[str, float]:
-    """Run one optimiser step; seconds spent in forward+loss, backward and the optimiser."""
-    t0 = time.perf_counter()
-    parts = trainer.loss(batch)
-    t1 = time.perf_counter()
-    trainer.accelerator.backward(parts["total"])
-    t2 = time.perf_counter()
-    trainer.optimizer.step()
-    trainer.scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    t3 = time.perf_counter()
-    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
 
 
 def _available_gb() -> float:
@@ -100,12 +87,12 @@ def run(w: Workload, quick: bool) -> dict[str, Any]:
     trainer.module.train()
     batches = iterate_batches(trainer.lengths, batch_size, trainer.cfg.seed)
     rss_before = peak_rss_mb()
-    one_step(trainer, next(batches)[1])
+    trainer.step(trainer.collate(next(batches)[1]))
     rows = []
     for _ in range(steps):
-        batch = next(batches)[1]
-        tokens, _, padded = pass_tokens(trainer, batch)
-        seconds = one_step(trainer, batch)
+        batch = trainer.collate(next(batches)[1])
+        tokens, _, padded = pass_tokens(batch)
+        seconds = trainer.step(batch).seconds
         flops = _step_flops(trainer, tokens)
         rows.append(
             {
@@ -155,8 +142,8 @@ def recipe(w: Workload, quick: bool) -> dict[str, Any]:
     theirs_parts = dict(ours_parts)
     triples = real = padded = 0
     for _ in range(count):
-        batch = next(batches)[1]
-        tokens, full, computed = pass_tokens(trainer, batch)
+        batch = trainer.collate(next(batches)[1])
+        tokens, full, computed = pass_tokens(batch)
         real += tokens.hr + tokens.tail + tokens.self_negative + tokens.lm
         padded += computed
         a, b = _step_flops(trainer, tokens), _step_flops(trainer, full, recipe=True)

@@ -182,7 +182,7 @@ def profile_misses(w: Workload, results: dict[str, dict[str, Any]], quick: bool)
     import bench_profile
     import bench_training
 
-    from kalm.models import encode_ids
+    from kalm.encoder import encode_ids
     from kalm.views import iterate_batches
 
     out: dict[str, Any] = {}

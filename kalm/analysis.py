@@ -3,11 +3,13 @@
 Pure functions of (n, d) embedding arrays or tensors. Rows are L2-normalised on entry (the
 paper's representation is a unit vector, and cosine geometry is what every quantity here is
 about), computations run in fp32 with fp64 reductions, and results are numpy values.
-`triple_embeddings` is the one bridge from a model to such arrays (views + encoder, no logic).
+`triple_embeddings` is the one bridge from a model to such arrays (an `Encoder`, no logic);
+`statistics` and `check_similarities` are what the similarity experiment reports and asserts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,14 +17,9 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from kalm.views import ViewBuilder
+    from kalm.encoder import Encoder
 
 Embeddings = ArrayLike | torch.Tensor
-
-STABLE_SAMPLE = 512
-"""Sample size behind reported statistics outside the smoke profile (see `stats_sample_size`)."""
 
 
 def _unit_rows(x: Embeddings, name: str = "x") -> NDArray[np.float32]:
@@ -131,50 +128,80 @@ def summary(hr: Embeddings, t: Embeddings) -> dict[str, float]:
     }
 
 
-def stats_sample_size(profile: str, figure_size: int) -> int:
-    """How many triples (or sentences) the reported statistics use.
+def statistics(hr: Embeddings, t: Embeddings, sentences: Embeddings) -> dict[str, float]:
+    """`summary` of the triple views plus the means over both views (``anisotropy``,
+    ``uniformity``, ``top_share``) and the same geometry of sentence embeddings (``*_wiki``)."""
+    s = summary(hr, t)
+    return {
+        **s,
+        "anisotropy": (s["anisotropy_hr"] + s["anisotropy_t"]) / 2,
+        "uniformity": (s["uniformity_hr"] + s["uniformity_t"]) / 2,
+        "top_share": (s["top_share_hr"] + s["top_share_t"]) / 2,
+        "anisotropy_wiki": anisotropy(sentences),
+        "uniformity_wiki": uniformity(sentences),
+        "top_share_wiki": top_component_share(sentences),
+    }
 
-    Off-diagonal means of the 32 rows a heatmap can show are noisy, so statistics use at least
-    `STABLE_SAMPLE` rows; the smoke profile only checks that the code runs and keeps the
-    figure's size.
-    """
-    return figure_size if profile == "smoke" else max(STABLE_SAMPLE, figure_size)
+
+def shared_scale(mats: Mapping[str, ArrayLike]) -> tuple[float, float]:
+    """One (vmin, vmax) over all matrices, so that colours compare across panels."""
+    if not mats:
+        raise ValueError("shared_scale: no matrices given.")
+    arrays = [np.asarray(m) for m in mats.values()]
+    return min(float(m.min()) for m in arrays), max(float(m.max()) for m in arrays)
+
+
+def check_similarities(mats: Mapping[str, ArrayLike], n: int, *, self_similarity: bool) -> None:
+    """Raise ``ValueError`` unless every cosine matrix is (n, n), finite and within [-1, 1], and,
+    for self-similarities, has a unit diagonal (each within 1e-5)."""
+    for name, m in mats.items():
+        m = np.asarray(m)
+        if m.shape != (n, n):
+            raise ValueError(f"{name}: shape {m.shape}, expected {(n, n)}")
+        if not np.isfinite(m).all():
+            raise ValueError(f"{name}: non-finite similarities")
+        if np.abs(m).max() > 1 + 1e-5:
+            raise ValueError(f"{name}: |cosine| {np.abs(m).max()} > 1")
+        if self_similarity and not np.allclose(np.diag(m), 1.0, rtol=0, atol=1e-5):
+            worst = float(np.abs(np.diag(m) - 1).max())
+            raise ValueError(f"{name}: diagonal differs from 1 by up to {worst:.2e}")
+
+
+def stats_sample_size(min_rows: int, figure_size: int) -> int:
+    """How many triples (or sentences) the reported statistics use: the figure's, but at least
+    ``min_rows`` (``EvalConfig.stats_min_rows``), since off-diagonal means of the 32 rows a
+    heatmap can show are noisy."""
+    return max(min_rows, figure_size)
 
 
 def triple_embeddings(
-    model: nn.Module,
-    views: ViewBuilder,
+    encoder: Encoder,
     triples: np.ndarray,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hr, t): unit embeddings of the head-relation and tail views of (n, 3) triples.
 
     Row i of both is triple i, so `cosine_matrix(hr, t)` has the true pairs on its diagonal.
+    ``batch_size`` overrides the encoder's.
     """
-    from kalm.models import encode_ids  # transformers is heavy; only this function needs it
-
     triples = np.asarray(triples)
     if triples.ndim != 2 or triples.shape[1] != 3 or len(triples) == 0:
         raise ValueError(
             f"triple_embeddings: expected a non-empty (n, 3) array of (head, relation, tail) "
             f"ids, got shape {triples.shape}."
         )
-    pad = views.tokenizer.pad_token_id
-    hr = encode_ids(
-        model,
+    views = encoder.views
+    hr = encoder.encode(
         views.hr_ids(triples[:, 0].tolist(), triples[:, 1].tolist()),
-        pad_id=pad,
-        batch_size=batch_size,
+        batch_size=batch_size or encoder.query_batch_size,
         progress=progress,
         desc="head-relation views",
     )
-    t = encode_ids(
-        model,
+    t = encoder.encode(
         views.tail_ids(triples[:, 2].tolist()),
-        pad_id=pad,
-        batch_size=batch_size,
+        batch_size=batch_size or encoder.entity_batch_size,
         progress=progress,
         desc="tail views",
     )
@@ -182,18 +209,16 @@ def triple_embeddings(
 
 
 def head_outranks_gold(
-    model: nn.Module, views: ViewBuilder, triples: np.ndarray, *, batch_size: int = 64
+    encoder: Encoder, triples: np.ndarray, *, batch_size: int | None = None
 ) -> float:
     """Share of tail queries ``[ h, r ]`` closer to the head's own view ``{ h }`` than to ``{ t }``.
 
     The failure mode self-negatives target: a query contains its head's text, so an encoder
     trained with in-batch negatives alone learns to retrieve the head itself.
     """
-    from kalm.models import encode_ids
-
-    hr, t = triple_embeddings(model, views, triples, batch_size=batch_size, progress=False)
-    own = encode_ids(
-        model, views.tail_ids(np.asarray(triples)[:, 0].tolist()),
-        pad_id=views.tokenizer.pad_token_id, batch_size=batch_size,
+    hr, t = triple_embeddings(encoder, triples, batch_size=batch_size, progress=False)
+    own = encoder.encode(
+        encoder.views.tail_ids(np.asarray(triples)[:, 0].tolist()),
+        batch_size=batch_size or encoder.entity_batch_size,
     )
     return float(((hr * own).sum(1) > (hr * t).sum(1)).float().mean())

@@ -59,10 +59,14 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every hyper-parameter of a KaLM training run (PAPER.md section 2 in the ``paper`` profile).
+    """Every hyper-parameter of a KaLM training run (the ``paper`` profile is the published
+    recipe, see the book's Method chapter, ``book/method.md``).
 
     Integer sizes use 0 for "no limit": ``max_steps: 0`` trains for ``epochs`` epochs,
     ``train_subset: 0`` uses every training triple.
+
+    Fields added after runs were stored carry a default that reproduces those runs; at that
+    default they are left out of :meth:`RunConfig.train_key`, so stored adapters stay valid.
     """
 
     lr: float
@@ -88,6 +92,7 @@ class TrainConfig:
     gather_negatives: bool
     load_in_8bit: bool
     checkpoint_every: int
+    warmup_steps: int = 0  # linear warm-up of the cosine schedule (the recipe uses none)
 
     @property
     def lm_examples(self) -> int:
@@ -97,7 +102,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation sizes. 0 means "everything" (all test queries, all entities as candidates)."""
+    """Sizes of every evaluation and analysis. 0 means "everything" (all test queries, all
+    entities as candidates)."""
 
     test_queries: int
     valid_queries: int
@@ -112,6 +118,29 @@ class EvalConfig:
     lm_stride: int
     analysis_triples: int
     analysis_sentences: int
+    # Batch sizes of KGQA generation and of perplexity windows, and queries ranked per chunk.
+    kgqa_batch_size: int
+    lm_batch_size: int
+    rank_chunk_size: int
+    # Representation analysis: sentence truncation (the last kept token is pooled), the least
+    # number of rows behind reported statistics (a figure's 32 rows give noisy off-diagonal means;
+    # 0 keeps the figure's rows) and the encoding batch size.
+    sentence_tokens: int
+    stats_min_rows: int
+    analysis_batch_size: int
+    # Self-negative ablation: optimiser steps per arm, validation triples and candidates.
+    ablation_steps: int
+    ablation_queries: int
+    ablation_candidates: int
+    # Theory checks: Theorem 1's negative counts, dimension, queries and pool of negatives, and
+    # the size of the gradient-descent experiment (rows, dimension, steps).
+    theorem1_negatives: tuple[int, ...]
+    theorem1_dim: int
+    theorem1_queries: int
+    theorem1_pool: int
+    descent_rows: int
+    descent_dim: int
+    descent_steps: int
     # Matmul precision of KGC encoding (entity index and queries): "bfloat16" autocasts the fp32
     # weights, ~3x faster on CPUs with bf16 instructions; ranks move a little (benchmarks/).
     encode_dtype: str = "float32"
@@ -148,8 +177,16 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def train_key(self) -> str:
-        """Hash of everything that determines the trained weights (not the evaluation sizes)."""
+        """Hash of everything that determines the trained weights (not the evaluation sizes).
+
+        Training fields at their dataclass default are left out (see :class:`TrainConfig`).
+        """
         payload = {k: v for k, v in self.as_dict().items() if k != "eval"}
+        payload["train"] = {
+            f.name: payload["train"][f.name]
+            for f in fields(TrainConfig)
+            if f.default is dataclasses.MISSING or getattr(self.train, f.name) != f.default
+        }
         payload["revision"] = TRAINING_REVISION
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
@@ -245,7 +282,20 @@ class Names:
         return "a non-empty list of distinct, non-empty module names"
 
 
-Rule = Range | OneOf | Names
+@dataclass(frozen=True)
+class Counts:
+    """A non-empty list of integers >= 1 (the negative counts of the Theorem 1 check)."""
+
+    def admits(self, value: Any) -> bool:
+        """True if ``value`` is a non-empty tuple of positive integers."""
+        return bool(value) and all(v >= 1 for v in value)
+
+    def describe(self) -> str:
+        """The rule in words."""
+        return "a non-empty list of integers >= 1"
+
+
+Rule = Range | OneOf | Names | Counts
 # Where a key's value came from, in words (empty when the message's prefix already says it).
 Origin = Callable[[str], str]
 
@@ -286,6 +336,7 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "gather_negatives": _FLAG,
         "load_in_8bit": _FLAG,
         "checkpoint_every": _COUNT,
+        "warmup_steps": Range(0),
         # eval
         "test_queries": _all("every test triple"),
         "valid_queries": _all("every validation triple"),
@@ -300,6 +351,22 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "lm_stride": _COUNT,
         "analysis_triples": Range(2, note="similarity statistics need two rows"),
         "analysis_sentences": Range(2, note="similarity statistics need two rows"),
+        "kgqa_batch_size": _COUNT,
+        "lm_batch_size": _COUNT,
+        "rank_chunk_size": _COUNT,
+        "sentence_tokens": _COUNT,
+        "stats_min_rows": Range(0, note="0 = no minimum"),
+        "analysis_batch_size": _COUNT,
+        "ablation_steps": _COUNT,
+        "ablation_queries": _all("every validation triple"),
+        "ablation_candidates": _all("every entity"),
+        "theorem1_negatives": Counts(),
+        "theorem1_dim": Range(2, note="a sphere of dimension 1 has two points"),
+        "theorem1_queries": _COUNT,
+        "theorem1_pool": _COUNT,
+        "descent_rows": Range(2, note="a contrastive loss needs a second row"),
+        "descent_dim": Range(2, note="a sphere of dimension 1 has two points"),
+        "descent_steps": _COUNT,
         "encode_dtype": OneOf(("float32", "bfloat16")),
         # run
         "seed": Range(0, note="numpy seeds are non-negative"),
@@ -341,8 +408,12 @@ def _check_type(value: Any, hint: Any, where: str, source: str = "") -> Any:
     """
     origin = typing.get_origin(hint)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings, got {value!r}{source}")
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value
+        ):
+            kind = {str: "strings", int: "integers"}[item]
+            raise ConfigError(f"{where} must be a list of {kind}, got {value!r}{source}")
         return tuple(value)
     if origin in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -417,8 +488,8 @@ def load_config(path: str | Path | None = None) -> Config:
 
 
 def resolve(
-    model: str = "smollm2",
-    dataset: str = "wn18rr",
+    model: str | None = None,
+    dataset: str | None = None,
     profile: str = "auto",
     seed: int = 0,
     config: Config | None = None,
@@ -426,15 +497,17 @@ def resolve(
 ) -> RunConfig:
     """Resolve notebook parameters into a :class:`RunConfig`.
 
-    ``profile="auto"`` takes ``KALM_PROFILE`` from the environment if set, else the model's default
-    profile. ``overrides`` may name any field of :class:`TrainConfig` or :class:`EvalConfig`
-    (e.g. ``lam=0.1``); ``None`` values are ignored so notebooks can pass optional parameters.
-    Every value is checked against :data:`RULES`; an error says whether the value came from an
-    override or from the configuration file's profile (and whether ``KALM_PROFILE`` chose it).
+    ``model`` defaults to the configuration's ``default_model`` and ``dataset`` to the first of
+    its ``datasets``. ``profile="auto"`` takes ``KALM_PROFILE`` from the environment if set, else
+    the model's default profile. ``overrides`` may name any field of :class:`TrainConfig` or
+    :class:`EvalConfig` (e.g. ``lam=0.1``); ``None`` values are ignored so notebooks can pass
+    optional parameters. Every value is checked against :data:`RULES`; an error says whether the
+    value came from an override or from the configuration file's profile (and whether
+    ``KALM_PROFILE`` chose it).
     """
     config = config or load_config()
-    spec = config.model(model)
-    dataset = _choose(dataset, config.datasets, "dataset")
+    spec = config.model(model or config.default_model)
+    dataset = _choose(dataset or config.datasets[0], config.datasets, "dataset")
     env_profile = os.environ.get("KALM_PROFILE") if profile == "auto" else None
     if profile == "auto":
         profile = env_profile or spec.default_profile

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "pages", nargs="*", help=f"pages to run (default: all of {', '.join(pages)})"
     )
     parser.add_argument("--model", default=None, help="model alias or local directory")
-    parser.add_argument("--profile", default="auto", help="smoke, cpu, paper or auto")
+    profiles = ", ".join(load_config().profiles)
+    parser.add_argument("--profile", default="auto", help=f"{profiles} or auto")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.pages) - set(pages))
     if unknown:

@@ -1,4 +1,4 @@
-"""KaLM training objectives as pure tensor functions (PAPER.md section 1).
+"""KaLM training objectives as pure tensor functions (the book's Method chapter, book/method.md).
 
 ``L_KaLM = L_exp + lam * L_imp``: ``explicit_loss`` is the dual-view (symmetric) InfoNCE over the
 in-batch cosine matrix of head-relation and tail views; ``lm_loss_from_hidden`` is the

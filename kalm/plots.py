@@ -235,3 +235,48 @@ def alignment_uniformity_plot(points: pd.DataFrame) -> Figure:
     ax.set(xlabel="alignment (lower = positives closer)", ylabel="uniformity (lower = spread)")
     ax.margins(0.25)
     return fig
+
+
+def kgqa_accuracy_plot(
+    paper: Mapping[str, pd.Series],
+    measured: Mapping[str, pd.DataFrame],
+    task_labels: Mapping[str, str],
+    *,
+    title: str,
+    width: float = 0.2,
+) -> Figure:
+    """KGQA accuracy per task: published bars (hatched, pale) beside this project's measurements.
+
+    ``paper`` maps a bar label to accuracies in % indexed by task; ``measured`` maps a bar label
+    to a ``kalm.evaluate.kgqa.summarise`` table (fractions), drawn with its Wilson 95 % interval
+    as error bar. Bars alternate two colours (untuned, KaLM); ``task_labels`` orders and names
+    the tasks on the x axis.
+    """
+    tasks = list(task_labels)
+    bars: list[tuple[str, np.ndarray, np.ndarray | None]] = [
+        (name, acc.reindex(tasks).to_numpy(), None) for name, acc in paper.items()
+    ]
+    for name, summary in measured.items():
+        heights = 100 * summary["lenient"].reindex(tasks).to_numpy()
+        lo = 100 * summary["lenient_lo"].reindex(tasks).to_numpy()
+        hi = 100 * summary["lenient_hi"].reindex(tasks).to_numpy()
+        bars.append((name, heights, np.stack([heights - lo, hi - heights])))
+    x = np.arange(len(tasks))
+    fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
+    for i, (name, heights, err) in enumerate(bars):
+        published = err is None
+        ax.bar(
+            x + (i - (len(bars) - 1) / 2) * width,
+            heights,
+            width,
+            yerr=err,
+            capsize=3,
+            label=name,
+            color=f"C{i % 2}",
+            hatch="//" if published else None,
+            alpha=0.55 if published else 1.0,
+        )
+    ax.set_xticks(x, [task_labels[t] for t in tasks])
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=title)
+    ax.legend(fontsize="small", ncol=len(bars), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    return fig

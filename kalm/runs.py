@@ -1,9 +1,11 @@
 """The run store: one directory per resolved configuration, so notebooks share trained adapters.
 
 ``runs/<model>-<dataset>-<profile>-s<seed>-<hash>/`` holds ``config.json``, the training log,
-``checkpoint.pt`` while training, ``adapter/`` (peft's standard format) once finished, metrics
-(``metrics/*.json``) and cached embeddings (``cache/*.pt``). The untuned model gets a directory
-of its own (``<model>-base``) for its caches.
+``checkpoint.pt`` while training, ``adapter/`` (peft's standard format) and the completion
+record ``done.json`` once finished, metrics (``metrics/*.json``) and cached embeddings
+(``cache/*.pt``). The untuned model gets a directory of its own (``<model>-base``) for its
+caches. :class:`Run` owns every file name of that layout and the naming of metrics; it stores
+and loads, and knows nothing of models or training (that is :mod:`kalm.experiment`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
-from transformers import PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import REPO_ROOT, RunConfig
-from kalm.data import load_kg
-from kalm.models import load_model
 
-__all__ = ["Run", "load_base", "runs_dir", "train_or_load"]
+__all__ = ["Run", "runs_dir"]
 
 
 def runs_dir() -> Path:
@@ -62,14 +59,63 @@ class Run:
         """The directory holding caches of the untuned model of ``cfg``."""
         return cls(runs_dir() / f"{_slug(cfg.model.alias)}-base")
 
+    # ------------------------------------------------------------------------- training files
     @property
     def adapter_dir(self) -> Path:
+        """The trained LoRA adapter (peft's ``save_pretrained`` format)."""
         return self.path / "adapter"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The training state while a run is unfinished (for an exact resume)."""
+        return self.path / "checkpoint.pt"
+
+    @property
+    def train_log_path(self) -> Path:
+        """One JSON record per optimiser step."""
+        return self.path / "train_log.jsonl"
+
+    @property
+    def done_path(self) -> Path:
+        """The completion record, written last."""
+        return self.path / "done.json"
 
     @property
     def finished(self) -> bool:
         """True once training completed and the adapter was saved."""
-        return (self.path / "done.json").is_file() and self.adapter_dir.is_dir()
+        return self.done_path.is_file() and self.adapter_dir.is_dir()
+
+    def save_config(self, cfg: RunConfig) -> None:
+        """Write the run's configuration as ``config.json`` (atomically)."""
+        _atomic_write_text(
+            self.path / "config.json", json.dumps(cfg.as_dict(), indent=2, sort_keys=True)
+        )
+
+    def save_done(self, record: dict[str, Any]) -> None:
+        """Write the completion record (steps, seconds …) atomically."""
+        _atomic_write_text(self.done_path, json.dumps(record, indent=2))
+
+    def done(self) -> dict[str, Any]:
+        """The completion record of a finished run."""
+        if not self.done_path.is_file():
+            raise FileNotFoundError(f"{self.done_path} not found: the run has not finished")
+        return json.loads(self.done_path.read_text())
+
+    def train_log(self) -> list[dict[str, Any]]:
+        """Records of the training log (one per optimiser step)."""
+        if not self.train_log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.train_log_path.read_text().splitlines()]
+
+    # -------------------------------------------------------------------------------- metrics
+    @staticmethod
+    def metric_name(task: str, cfg: RunConfig, split: str | None = None) -> str:
+        """The one naming scheme of metrics: ``<task>-<dataset>-<profile>[-<split>]``.
+
+        Dataset and profile are part of the name because the base model's directory is shared
+        by every dataset and profile.
+        """
+        return "-".join([task, cfg.dataset, cfg.profile, *([split] if split else [])])
 
     def save_metrics(self, name: str, metrics: dict[str, Any]) -> Path:
         """Write ``metrics/<name>.json`` (atomically)."""
@@ -82,6 +128,7 @@ class Run:
         path = self.path / "metrics" / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
+    # --------------------------------------------------------------------------------- caches
     def cached(self, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``cache/<name>.pt`` if present, else ``compute()`` saved there (atomically)."""
         path = self.path / "cache" / f"{name}.pt"
@@ -94,51 +141,23 @@ class Run:
         os.replace(tmp, path)
         return value
 
-    def train_log(self) -> list[dict[str, Any]]:
-        """Records of ``train_log.jsonl`` (one per optimiser step)."""
-        path = self.path / "train_log.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines()]
+    def cached_timed(
+        self, name: str, compute: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
+        """:meth:`cached`, plus the seconds ``compute`` took when the cache entry was made.
 
+        The time is kept beside the entry (``metrics/timing-<name>.json``), so a throughput
+        reported from it stays the same when the value comes from the cache.
+        """
+        timing = f"timing-{name}"
 
-def load_base(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Run]:
-    """The untuned model of ``cfg`` (the "no tuning" rows of the paper) and its cache directory."""
-    model, tokenizer = load_model(cfg.model.alias, load_in_8bit=cfg.train.load_in_8bit)
-    return model, tokenizer, Run.base(cfg)
+        def timed() -> torch.Tensor:
+            started = time.perf_counter()
+            value = compute()
+            self.save_metrics(
+                timing, {"seconds": time.perf_counter() - started, "rows": len(value)}
+            )
+            return value
 
-
-def train_or_load(
-    cfg: RunConfig, *, progress: bool = True
-) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
-    """The KaLM-tuned model of ``cfg``: loaded if its run finished, else trained (resuming).
-
-    Training is the only expensive path; every notebook calls this, so the first one trains and
-    the others reuse the adapter.
-    """
-    from kalm.train import Trainer
-
-    run = Run.trained(cfg)
-    model, tokenizer = load_model(cfg.model.alias, load_in_8bit=cfg.train.load_in_8bit)
-    if run.finished:
-        tuned = PeftModel.from_pretrained(model, run.adapter_dir)
-        tuned.eval()
-        return tuned, tokenizer, run
-    run.path.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(
-        run.path / "config.json", json.dumps(cfg.as_dict(), indent=2, sort_keys=True)
-    )
-    trainer = Trainer(model, tokenizer, load_kg(cfg.dataset), cfg, run.path)
-    started = time.perf_counter()
-    resumed_from = trainer.step
-    tuned = trainer.fit(progress=progress)
-    if trainer.accelerator.is_main_process:
-        tuned.save_pretrained(run.adapter_dir)
-        done = {
-            "steps": trainer.steps,
-            "resumed_from": resumed_from,
-            "seconds": time.perf_counter() - started,
-            "examples": len(trainer.examples),
-        }
-        _atomic_write_text(run.path / "done.json", json.dumps(done, indent=2))
-    return tuned, tokenizer, run
+        value = self.cached(name, timed)
+        return value, float((self.load_metrics(timing) or {"seconds": 0.0})["seconds"])

@@ -56,6 +56,23 @@ MEANINGS: dict[str, str] = {
     "analysis_triples": "test triples in the similarity heatmaps",
     "analysis_sentences": "WikiText sentences in the similarity heatmaps",
     "encode_dtype": "matmul precision of KGC encoding",
+    "warmup_steps": "linear warm-up steps of the learning-rate schedule",
+    "kgqa_batch_size": "KGQA prompts generated per batch",
+    "lm_batch_size": "perplexity windows per forward pass",
+    "rank_chunk_size": "queries ranked against all candidates at once",
+    "sentence_tokens": "tokens kept of a WikiText sentence in the similarity analysis",
+    "stats_min_rows": "least rows behind a similarity statistic",
+    "analysis_batch_size": "texts encoded per forward pass in the similarity analysis",
+    "ablation_steps": "optimiser steps per arm of the self-negative ablation",
+    "ablation_queries": "validation triples ranked per ablation arm (0: all)",
+    "ablation_candidates": "entities ranked per ablation query (0: every entity)",
+    "theorem1_negatives": "negative counts in the numerical check of Theorem 1",
+    "theorem1_dim": "embedding dimension of the Theorem 1 check",
+    "theorem1_queries": "queries of the Theorem 1 check",
+    "theorem1_pool": "pool of random negatives of the Theorem 1 check",
+    "descent_rows": "rows optimised in the Theorem 2 descent",
+    "descent_dim": "embedding dimension of the Theorem 2 descent",
+    "descent_steps": "gradient steps of the Theorem 2 descent",
 }
 """One line per configuration field: what it controls (a test checks that none is missing)."""
 

@@ -1,4 +1,4 @@
-"""Numerical checks of Theorems 1 and 2 (PAPER.md section 6).
+"""Numerical checks of Theorems 1 and 2 (the book's Theory chapter, ``book/theory.md``).
 
 Theorem 1: the N-negative InfoNCE term minus log N converges to an alignment + uniformity limit.
 Theorem 2: by Jensen, the log-mean-exp part of the loss bounds Sum(W) / (tau n^2) from above,

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +27,20 @@ from transformers import get_cosine_schedule_with_warmup
 
 from kalm.config import RunConfig, TrainConfig
 from kalm.data import KnowledgeGraph
-from kalm.losses import (
-    explicit_loss,
-    false_negative_mask,
-    kalm_loss,
-    lm_loss_from_hidden,
-    self_negative_mask,
-)
+from kalm.encoder import Encoder
+from kalm.losses import explicit_loss, false_negative_mask, kalm_loss, lm_loss_from_hidden
 from kalm.models import decoder_of, embed_batch
-from kalm.views import (
-    ViewBuilder,
-    iterate_batches,
-    pad_batch,
-    split_shared_prefix,
-    training_examples,
-)
+from kalm.runs import Run
+from kalm.views import Collator, KaLMBatch, ViewBuilder, iterate_batches, training_examples
 
-__all__ = ["KaLMModule", "Trainer", "attach_lora", "gather_with_grad", "total_steps"]
+__all__ = [
+    "KaLMModule",
+    "StepResult",
+    "Trainer",
+    "attach_lora",
+    "gather_with_grad",
+    "total_steps",
+]
 
 
 def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
@@ -127,6 +125,15 @@ class KaLMModule(nn.Module):
         return decoder(input_ids=ids, attention_mask=full_mask, **{name: cache}).last_hidden_state
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimiser step computed: the loss components (``l_exp``, ``l_imp``, ``total``,
+    ``tau``) and the seconds spent in forward + loss, backward and the optimiser."""
+
+    losses: dict[str, torch.Tensor]
+    seconds: dict[str, float]
+
+
 class Trainer:
     """Trains one run directory to completion, resuming from its checkpoint if there is one."""
 
@@ -136,10 +143,10 @@ class Trainer:
         tokenizer: Any,
         kg: KnowledgeGraph,
         cfg: RunConfig,
-        run_dir: Path,
+        run: Run,
         accelerator: Accelerator | None = None,
     ):
-        self.cfg, self.tcfg, self.kg, self.run_dir = cfg, cfg.train, kg, Path(run_dir)
+        self.cfg, self.tcfg, self.kg, self.run = cfg, cfg.train, kg, run
         self.tokenizer = tokenizer
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(),
@@ -154,7 +161,7 @@ class Trainer:
             peft_model.enable_input_require_grads()
         peft_model.train()
         self.module = KaLMModule(peft_model, self.tcfg.learnable_tau, self.tcfg.tau)
-        self.views = ViewBuilder(kg, tokenizer, self.tcfg.max_entity_tokens)
+        self.views = ViewBuilder.from_config(kg, tokenizer, cfg)
         triples = kg.train
         if self.tcfg.train_subset:
             pick = np.random.default_rng(cfg.seed).permutation(len(triples))[
@@ -163,18 +170,26 @@ class Trainer:
             triples = triples[np.sort(pick)]
         self.examples = training_examples(triples, kg.num_relations)
         self.lengths = self.views.view_lengths(self.examples)
-        # The prompts' shared prefix runs once through an attention cache, which gradient
-        # checkpointing does not support (transformers then turns the cache off).
-        self.share_prefix = not self.tcfg.gradient_checkpointing
-        self.known = kg.known_answers(("train",))
+        self.collator = Collator(
+            self.views,
+            self.examples,
+            kg.known_answers(("train",)),
+            lm_examples=self.tcfg.lm_examples if self.tcfg.lam > 0 else 0,
+            max_prompt_tokens=self.tcfg.max_prompt_tokens,
+            # The prompts' shared prefix runs once through an attention cache, which gradient
+            # checkpointing does not support (transformers then turns the cache off).
+            share_prefix=not self.tcfg.gradient_checkpointing,
+            self_negatives=self.tcfg.self_negatives,
+        )
         self.steps = total_steps(self.tcfg, len(self.examples))
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, 0, self.steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, self.tcfg.warmup_steps, self.steps)
         self.module, self.optimizer, self.scheduler = self.accelerator.prepare(
             self.module, optimizer, scheduler
         )
-        self.step = 0
+        self.encoder = Encoder(self.peft_model, self.views)
+        self.step_count = 0
 
     @property
     def peft_model(self) -> PeftModel:
@@ -182,57 +197,33 @@ class Trainer:
         return self.accelerator.unwrap_model(self.module).model
 
     # ----------------------------------------------------------------------------- one step
-    def lm_prompts(
-        self, heads: list[int], rels: list[int], tails: list[int]
-    ) -> tuple[list[int], list[list[int]], list[int]]:
-        """Token ids of the triple-completion prompts of a batch's first ``lm_examples`` triples
-        (none when ``lam`` is 0): their shared prefix (empty unless ``share_prefix``), the rows
-        after it and the prompt lengths counted after it."""
-        k = self.tcfg.lm_examples if self.tcfg.lam > 0 else 0
-        if k == 0:
-            return [], [], []
-        rows, plens = self.views.completion_ids(
-            heads[:k], rels[:k], tails[:k], self.tcfg.max_prompt_tokens
-        )
-        return split_shared_prefix(rows, plens) if self.share_prefix else ([], rows, plens)
+    def collate(self, indices: np.ndarray) -> KaLMBatch:
+        """The batch of the training examples at ``indices``."""
+        return self.collator.collate(indices)
 
-    def loss(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
-        """KaLM loss components of one batch of example indices."""
+    def loss(self, batch: KaLMBatch) -> dict[str, torch.Tensor]:
+        """KaLM loss components of one batch."""
         device = self.accelerator.device
-        heads, rels, tails = (torch.from_numpy(c) for c in self.examples[batch].T)
-        pad = self.tokenizer.pad_token_id
-        hr = pad_batch(self.views.hr_ids(heads.tolist(), rels.tolist()), pad)
-        t = pad_batch(self.views.tail_ids(tails.tolist()), pad)
-        lm_ids = lm_mask = prompt_lengths = lm_prefix = None
-        prefix, rows, plens = self.lm_prompts(heads.tolist(), rels.tolist(), tails.tolist())
-        if rows:
-            if prefix:
-                lm_prefix = torch.tensor([prefix], device=device)
-            lm = pad_batch(rows, pad)
-            lm_ids, lm_mask = lm.input_ids.to(device), lm.attention_mask.to(device)
-            prompt_lengths = torch.tensor(plens, device=device)
+        b = batch.to(device)
+        lm = b.lm
         hr_emb, t_emb, hidden = self.module(
-            hr.input_ids.to(device),
-            hr.attention_mask.to(device),
-            t.input_ids.to(device),
-            t.attention_mask.to(device),
-            lm_ids,
-            lm_mask,
-            lm_prefix,
+            b.hr.input_ids,
+            b.hr.attention_mask,
+            b.tail.input_ids,
+            b.tail.attention_mask,
+            lm.input_ids if lm else None,
+            lm.attention_mask if lm else None,
+            b.lm_prefix,
         )
-        known = self.known.mask(heads, rels, self.kg.num_entities)
-        fn_mask = false_negative_mask(tails, known).to(device)
+        fn_mask = b.false_negative_mask
         extra = extra_mask = None
-        if self.tcfg.self_negatives:
+        if b.self_negative is not None:
             with torch.no_grad():
-                own = pad_batch(self.views.tail_ids(heads.tolist()), pad)
-                extra = embed_batch(
-                    self.peft_model, own.input_ids.to(device), own.attention_mask.to(device)
-                )
-            extra_mask = self_negative_mask(heads, known).to(device)
+                extra = self.encoder.embed(b.self_negative)
+            extra_mask = b.self_negative_mask
         if self.tcfg.gather_negatives:
             hr_emb, t_emb = gather_with_grad(hr_emb), gather_with_grad(t_emb)
-            fn_mask = self._global_mask(tails, known, fn_mask)
+            fn_mask = self._global_mask(batch.tails, batch.known, fn_mask)
             extra, extra_mask = (
                 (None, None)
                 if extra is None
@@ -249,15 +240,32 @@ class Trainer:
             extra_mask=extra_mask,
         )
         l_imp = torch.zeros((), device=device)
-        if hidden is not None:
+        if hidden is not None and lm is not None:
             lm_head = self.peft_model.get_output_embeddings()
-            l_imp = lm_loss_from_hidden(hidden, lm_head, lm_ids, lm_mask, prompt_lengths)
+            l_imp = lm_loss_from_hidden(
+                hidden, lm_head, lm.input_ids, lm.attention_mask, b.prompt_lengths
+            )
         return {
             "l_exp": l_exp,
             "l_imp": l_imp,
             "total": kalm_loss(l_exp, l_imp, self.tcfg.lam),
             "tau": tau,
         }
+
+    def step(self, batch: KaLMBatch) -> StepResult:
+        """One optimiser step on ``batch``: loss, backward, optimiser and schedule."""
+        t0 = time.perf_counter()
+        parts = self.loss(batch)
+        t1 = time.perf_counter()
+        self.accelerator.backward(parts["total"])
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        self.step_count += 1
+        seconds = {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
+        return StepResult(parts, seconds)
 
     def _global_mask(
         self, tails: torch.Tensor, known: torch.Tensor, local: torch.Tensor
@@ -268,15 +276,11 @@ class Trainer:
         return false_negative_mask(all_tails, all_known).to(local.device)
 
     # ----------------------------------------------------------------------- checkpointing
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
-
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume: adapter, tau, optimiser, scheduler, RNG, step."""
         unwrapped = self.accelerator.unwrap_model(self.module)
         return {
-            "step": self.step,
+            "step": self.step_count,
             "adapter": get_peft_model_state_dict(unwrapped.model),
             "log_inv_tau": unwrapped.log_inv_tau.detach().clone(),
             "optimizer": self.optimizer.state_dict(),
@@ -289,15 +293,15 @@ class Trainer:
         """Write the training state atomically (an interrupted write leaves the old one)."""
         if not self.accelerator.is_main_process:
             return
-        tmp = self.checkpoint_path.with_suffix(".tmp")
+        tmp = self.run.checkpoint_path.with_suffix(".tmp")
         torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.checkpoint_path)
+        os.replace(tmp, self.run.checkpoint_path)
 
     def load_checkpoint(self) -> None:
         """Restore a saved training state if the run directory has one."""
-        if not self.checkpoint_path.is_file():
+        if not self.run.checkpoint_path.is_file():
             return
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        state = torch.load(self.run.checkpoint_path, map_location="cpu", weights_only=False)
         unwrapped = self.accelerator.unwrap_model(self.module)
         _set_adapter(unwrapped.model, state["adapter"])
         with torch.no_grad():
@@ -307,32 +311,31 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step = int(state["step"])
+        self.step_count = int(state["step"])
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self, *, stop_after: int | None = None, progress: bool = True) -> PeftModel:
         """Train to ``self.steps`` (or pause after ``stop_after`` steps, for resume tests)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run.path.mkdir(parents=True, exist_ok=True)
         self.load_checkpoint()
-        log_path = self.run_dir / "train_log.jsonl"
-        _truncate_log(log_path, self.step)
+        log_path = self.run.train_log_path
+        _truncate_log(log_path, self.step_count)
         end = self.steps if stop_after is None else min(self.steps, stop_after)
-        batches = iterate_batches(self.lengths, self.tcfg.batch_size, self.cfg.seed, self.step)
-        bar = tqdm(total=self.steps, initial=self.step, desc="KaLM training", disable=not progress)
+        batches = iterate_batches(
+            self.lengths, self.tcfg.batch_size, self.cfg.seed, self.step_count
+        )
+        bar = tqdm(
+            total=self.steps, initial=self.step_count, desc="KaLM training", disable=not progress
+        )
         self.module.train()
         with log_path.open("a") as log:
-            while self.step < end:
-                _, batch = next(batches)
+            while self.step_count < end:
+                _, indices = next(batches)
                 started = time.perf_counter()
-                parts = self.loss(batch)
-                self.accelerator.backward(parts["total"])
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                rate = len(batch) / (time.perf_counter() - started)
+                parts = self.step(self.collate(indices)).losses
+                rate = len(indices) / (time.perf_counter() - started)
                 record = {
-                    "step": self.step,
+                    "step": self.step_count,
                     "L_exp": parts["l_exp"].item(),
                     "L_imp": parts["l_imp"].item(),
                     "total": parts["total"].item(),
@@ -348,7 +351,7 @@ class Trainer:
                     ex_s=f"{rate:.1f}",
                 )
                 bar.update(1)
-                if self.step % self.tcfg.checkpoint_every == 0 or self.step == end:
+                if self.step_count % self.tcfg.checkpoint_every == 0 or self.step_count == end:
                     self.save_checkpoint()
         bar.close()
         self.peft_model.eval()

@@ -1,24 +1,29 @@
 """Texts of the two views and of the triple-completion prompt, tokenisation and batching.
 
-Templates follow the released recipe (PAPER.md section 1): ``D_hr = "[ head, relation ]"``,
-``D_t = "{ tail }"``, entity text truncated to ``max_entity_tokens`` tokens, no BOS/EOS on the
-views. No model code lives here.
+Templates follow the released recipe (the book's Method chapter, ``book/method.md``):
+``D_hr = "[ head, relation ]"``, ``D_t = "{ tail }"``, entity text truncated to
+``max_entity_tokens`` tokens, no BOS/EOS on the views. :class:`Collator` turns a batch of
+example indices into a :class:`KaLMBatch` of padded tensors and masks. No model code lives here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.data import KnowledgeGraph
+from kalm.config import RunConfig
+from kalm.data import KnowledgeGraph, KnownAnswers
+from kalm.losses import false_negative_mask, self_negative_mask
+from kalm.prompts import INSTRUCTION, alpaca_prompt
 
 __all__ = [
-    "PROMPT_PREAMBLE",
     "Batch",
+    "Collator",
+    "KaLMBatch",
     "ViewBuilder",
     "bucketed_batches",
     "iterate_batches",
@@ -26,12 +31,6 @@ __all__ = [
     "split_shared_prefix",
     "training_examples",
 ]
-
-PROMPT_PREAMBLE = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request."
-)
-INSTRUCTION = "Given the head entity and relation, write a tail entity that completes the triple"
 
 
 def training_examples(triples: np.ndarray, num_relations: int) -> np.ndarray:
@@ -66,6 +65,14 @@ class ViewBuilder:
             dtype=np.int64,
         )
 
+    @classmethod
+    def from_config(
+        cls, kg: KnowledgeGraph, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig
+    ) -> ViewBuilder:
+        """The views of a run: entity texts cut to the profile's ``max_entity_tokens``, the same
+        in training and evaluation."""
+        return cls(kg, tokenizer, cfg.train.max_entity_tokens)
+
     def view_lengths(self, examples: np.ndarray) -> np.ndarray:
         """``(N, 2)`` token lengths of the hr and tail views of ``(h, r, t)`` rows, up to the
         template's constant tokens: the bucketing key of training batches."""
@@ -84,10 +91,8 @@ class ViewBuilder:
 
     def prompt_text(self, head: int, relation: int) -> str:
         """The triple-completion prompt up to (and including) the response header."""
-        return (
-            f"{PROMPT_PREAMBLE}\n\n### Instruction:\n{INSTRUCTION}\n\n"
-            f"### Input:\n{self.entity_texts[head]}, {self.kg.relation_text(relation)}\n\n"
-            "### Response:\n"
+        return alpaca_prompt(
+            INSTRUCTION, f"{self.entity_texts[head]}, {self.kg.relation_text(relation)}"
         )
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -156,6 +161,115 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False)
         ids[i, span] = torch.as_tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return Batch(ids, mask)
+
+
+@dataclass(frozen=True)
+class KaLMBatch:
+    """One training step's inputs: padded views, masks and the triple-completion prompts.
+
+    ``known`` marks the known (training) answers of each query ``(h_i, r_i)`` over all
+    entities; the two masks derive from it. ``self_negative`` (tail views of the heads) is set
+    when self-negatives are on, ``lm`` when the step has a triple-completion loss; ``lm_prefix``
+    (1, P) is the prompts' shared prefix and ``prompt_lengths`` count after it.
+    """
+
+    heads: torch.Tensor
+    relations: torch.Tensor
+    tails: torch.Tensor
+    hr: Batch
+    tail: Batch
+    known: torch.Tensor
+    false_negative_mask: torch.Tensor
+    self_negative: Batch | None = None
+    self_negative_mask: torch.Tensor | None = None
+    lm: Batch | None = None
+    lm_prefix: torch.Tensor | None = None
+    prompt_lengths: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def to(self, device: torch.device | str) -> KaLMBatch:
+        """The views, masks and prompts on ``device``; ids and known answers stay on the CPU."""
+
+        def move(x: object) -> object:
+            if isinstance(x, Batch):
+                return Batch(x.input_ids.to(device), x.attention_mask.to(device))
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        keep = ("heads", "relations", "tails", "known")
+        return replace(
+            self,
+            **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name not in keep},
+        )
+
+
+class Collator:
+    """Turns example indices into a :class:`KaLMBatch` (tokenising, padding, masks).
+
+    ``lm_examples`` first examples of a batch get the triple-completion prompt (0: none);
+    with ``share_prefix`` their common token prefix is split off to run once.
+    """
+
+    def __init__(
+        self,
+        views: ViewBuilder,
+        examples: np.ndarray,
+        known: KnownAnswers,
+        *,
+        lm_examples: int,
+        max_prompt_tokens: int,
+        share_prefix: bool,
+        self_negatives: bool,
+    ) -> None:
+        self.views, self.examples, self.known = views, examples, known
+        self.lm_examples, self.max_prompt_tokens = lm_examples, max_prompt_tokens
+        self.share_prefix, self.self_negatives = share_prefix, self_negatives
+
+    def lm_prompts(
+        self, heads: list[int], rels: list[int], tails: list[int]
+    ) -> tuple[list[int], list[list[int]], list[int]]:
+        """Token ids of the triple-completion prompts of a batch's first ``lm_examples`` triples:
+        their shared prefix (empty unless ``share_prefix``), the rows after it and the prompt
+        lengths counted after it."""
+        k = self.lm_examples
+        if k == 0:
+            return [], [], []
+        rows, plens = self.views.completion_ids(
+            heads[:k], rels[:k], tails[:k], self.max_prompt_tokens
+        )
+        return split_shared_prefix(rows, plens) if self.share_prefix else ([], rows, plens)
+
+    def collate(self, indices: np.ndarray) -> KaLMBatch:
+        """The batch of the examples at ``indices`` (CPU tensors; see :meth:`KaLMBatch.to`)."""
+        heads, rels, tails = (torch.from_numpy(c) for c in self.examples[indices].T)
+        h, r, t = heads.tolist(), rels.tolist(), tails.tolist()
+        pad = self.views.tokenizer.pad_token_id
+        known = self.known.mask(heads, rels, self.views.kg.num_entities)
+        batch = KaLMBatch(
+            heads=heads,
+            relations=rels,
+            tails=tails,
+            hr=pad_batch(self.views.hr_ids(h, r), pad),
+            tail=pad_batch(self.views.tail_ids(t), pad),
+            known=known,
+            false_negative_mask=false_negative_mask(tails, known),
+        )
+        if self.self_negatives:
+            batch = replace(
+                batch,
+                self_negative=pad_batch(self.views.tail_ids(h), pad),
+                self_negative_mask=self_negative_mask(heads, known),
+            )
+        prefix, rows, plens = self.lm_prompts(h, r, t)
+        if rows:
+            batch = replace(
+                batch,
+                lm=pad_batch(rows, pad),
+                lm_prefix=torch.tensor([prefix]) if prefix else None,
+                prompt_lengths=torch.tensor(plens),
+            )
+        return batch
 
 
 def bucketed_batches(

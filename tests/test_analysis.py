@@ -13,10 +13,11 @@ from helpers import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from matplotlib.container import ErrorbarContainer
 
 from kalm import analysis, plots
 from kalm.data import KnowledgeGraph
-from kalm.models import encode
+from kalm.encoder import Encoder, encode_texts
 from kalm.views import ViewBuilder
 
 finite = st.floats(-3, 3, allow_nan=False, width=32)
@@ -172,10 +173,66 @@ def test_alignment_uniformity_plot_one_marker_per_row():
         plots.alignment_uniformity_plot(points.drop(columns="view"))
 
 
+def test_kgqa_accuracy_plot_draws_every_bar_with_intervals_for_measurements():
+    tasks = {"head": "head prediction", "tail": "tail prediction"}
+    paper = {"paper": pd.Series({"tail": 40.0, "head": 20.0})}
+    summary = pd.DataFrame(
+        {"lenient": [0.5, 0.25], "lenient_lo": [0.3, 0.1], "lenient_hi": [0.7, 0.5]},
+        index=pd.Index(["head", "tail"], name="task"),
+    )
+    fig = plots.kgqa_accuracy_plot(paper, {"ours": summary}, tasks, title="KGQA")
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [20.0, 40.0, 50.0, 25.0]  # paper bars first, tasks in the given order
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(tasks.values())
+    errorbars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(errorbars) == 1  # error bars on the measurements only
+    assert ax.get_title() == "KGQA"
+    plt.close(fig)
+
+
 def test_stats_sample_size():
-    assert analysis.stats_sample_size("smoke", 8) == 8
-    assert analysis.stats_sample_size("cpu", 32) == analysis.STABLE_SAMPLE
-    assert analysis.stats_sample_size("paper", 1000) == 1000
+    assert analysis.stats_sample_size(0, 8) == 8
+    assert analysis.stats_sample_size(512, 32) == 512
+    assert analysis.stats_sample_size(512, 1000) == 1000
+
+
+def test_statistics_adds_view_means_and_sentence_geometry():
+    rng = np.random.default_rng(0)
+    hr, t, wiki = (rng.normal(size=(12, 6)) for _ in range(3))
+    stats = analysis.statistics(hr, t, wiki)
+    assert stats.items() >= analysis.summary(hr, t).items()
+    assert stats["anisotropy"] == pytest.approx(
+        (stats["anisotropy_hr"] + stats["anisotropy_t"]) / 2
+    )
+    assert stats["uniformity"] == pytest.approx(
+        (stats["uniformity_hr"] + stats["uniformity_t"]) / 2
+    )
+    assert stats["top_share"] == pytest.approx((stats["top_share_hr"] + stats["top_share_t"]) / 2)
+    assert stats["anisotropy_wiki"] == pytest.approx(analysis.anisotropy(wiki))
+    assert stats["top_share_wiki"] == pytest.approx(analysis.top_component_share(wiki))
+
+
+def test_shared_scale_spans_every_matrix():
+    mats = {"a": np.array([[0.2, -0.5]]), "b": np.array([[0.9, 0.1]])}
+    assert analysis.shared_scale(mats) == (-0.5, 0.9)
+    with pytest.raises(ValueError, match="no matrices"):
+        analysis.shared_scale({})
+
+
+def test_check_similarities_rejects_bad_matrices():
+    x = np.random.default_rng(1).normal(size=(5, 4))
+    good = analysis.cosine_matrix(x, x)
+    analysis.check_similarities({"ok": good}, 5, self_similarity=True)
+    with pytest.raises(ValueError, match=r"bad: shape \(5, 5\), expected \(4, 4\)"):
+        analysis.check_similarities({"bad": good}, 4, self_similarity=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        analysis.check_similarities({"nan": np.full((5, 5), np.nan)}, 5, self_similarity=False)
+    with pytest.raises(ValueError, match=r"\|cosine\|"):
+        analysis.check_similarities({"big": good * 2}, 5, self_similarity=False)
+    with pytest.raises(ValueError, match="diagonal"):
+        analysis.check_similarities({"half": good / 2}, 5, self_similarity=True)
+    analysis.check_similarities({"cross": good / 2}, 5, self_similarity=False)
 
 
 @pytest.fixture(scope="module")
@@ -211,17 +268,20 @@ def tiny_views() -> tuple[torch.nn.Module, ViewBuilder]:
 def test_triple_embeddings_pairs_rows_with_triples(tiny_views):
     model, views = tiny_views
     triples = np.array([[0, 0, 2], [3, 1, 1], [1, 2, 0], [2, 3, 3]])
-    hr, t = analysis.triple_embeddings(model, views, triples, batch_size=2, progress=False)
+    encoder = Encoder(model, views)
+    hr, t = analysis.triple_embeddings(encoder, triples, batch_size=2, progress=False)
     assert hr.shape == t.shape == (4, 16)
     torch.testing.assert_close(hr.norm(dim=1), torch.ones(4))
     # row i is the encoding of triple i's own view texts, whatever order the encoder batches in
     texts_hr = [views.hr_text(h, r) for h, r, _ in triples]
     texts_t = [views.tail_text(e) for e in triples[:, 2]]
-    torch.testing.assert_close(hr, encode(model, views.tokenizer, texts_hr), atol=1e-5, rtol=0)
-    torch.testing.assert_close(t, encode(model, views.tokenizer, texts_t), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        hr, encode_texts(model, views.tokenizer, texts_hr), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(t, encoder.encode_texts(texts_t), atol=1e-5, rtol=0)
     assert not torch.allclose(hr[0], hr[1])  # different texts, different embeddings
     perm = [2, 0, 3, 1]
-    hr_p, t_p = analysis.triple_embeddings(model, views, triples[perm], progress=False)
+    hr_p, t_p = analysis.triple_embeddings(encoder, triples[perm], progress=False)
     torch.testing.assert_close(hr_p, hr[perm], atol=1e-5, rtol=0)
     torch.testing.assert_close(t_p, t[perm], atol=1e-5, rtol=0)
 
@@ -229,4 +289,4 @@ def test_triple_embeddings_pairs_rows_with_triples(tiny_views):
 def test_triple_embeddings_rejects_non_triples(tiny_views):
     model, views = tiny_views
     with pytest.raises(ValueError, match=r"\(n, 3\).*\(2, 2\)"):
-        analysis.triple_embeddings(model, views, np.zeros((2, 2), dtype=np.int64))
+        analysis.triple_embeddings(Encoder(model, views), np.zeros((2, 2), dtype=np.int64))

@@ -1,8 +1,10 @@
-"""kalm.config (the root _config.yml, PAPER.md section 2) and kalm.paper (published numbers)."""
+"""kalm.config (the root _config.yml; the recipe of book/method.md) and kalm.paper."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 from dataclasses import fields
@@ -205,6 +207,23 @@ RULE_CASES: dict[str, tuple[list, list[dict]]] = {
     "analysis_triples": ([1, 0], [{"analysis_triples": 2}]),
     "analysis_sentences": ([1], [{"analysis_sentences": 2}]),
     "encode_dtype": (["fp16", "Float32"], [{"encode_dtype": "bfloat16"}]),
+    "warmup_steps": ([-1], [{"warmup_steps": 0}]),
+    "kgqa_batch_size": ([0], [{"kgqa_batch_size": 1}]),
+    "lm_batch_size": ([0, -1], [{"lm_batch_size": 1}]),
+    "rank_chunk_size": ([0], [{"rank_chunk_size": 1}]),
+    "sentence_tokens": ([0], [{"sentence_tokens": 1}]),
+    "stats_min_rows": ([-1], [{"stats_min_rows": 0}]),
+    "analysis_batch_size": ([0], [{"analysis_batch_size": 1}]),
+    "ablation_steps": ([0, -2], [{"ablation_steps": 1}]),
+    "ablation_queries": ([-1], [{"ablation_queries": 0}]),
+    "ablation_candidates": ([-1], [{"ablation_candidates": 0}]),
+    "theorem1_negatives": ([[], [0, 10]], [{"theorem1_negatives": [1]}]),
+    "theorem1_dim": ([1, 0], [{"theorem1_dim": 2}]),
+    "theorem1_queries": ([0], [{"theorem1_queries": 1}]),
+    "theorem1_pool": ([0], [{"theorem1_pool": 1}]),
+    "descent_rows": ([1], [{"descent_rows": 2}]),
+    "descent_dim": ([1], [{"descent_dim": 2}]),
+    "descent_steps": ([0], [{"descent_steps": 1}]),
     "seed": ([-1], [{"seed": 0}]),
 }
 
@@ -451,3 +470,39 @@ def test_unknown_resource_lists_the_available_ones() -> None:
         FileNotFoundError, match=r"no resource 'table9\.csv'; available: .*paper_table1\.csv"
     ):
         read_resource("table9.csv")
+
+
+# --- defaults and sizes from the file ------------------------------------------------------------
+
+
+def test_model_and_dataset_default_to_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert resolve().model == load_config().model(load_config().default_model)
+    assert resolve().dataset == load_config().datasets[0]
+    path = write_config(tmp_path, {("default_model",): "mistral", ("datasets",): ["fb15k237"]})
+    monkeypatch.setenv("KALM_CONFIG", str(path))
+    cfg = resolve()
+    assert (cfg.model.alias, cfg.dataset) == ("mistral", "fb15k237")
+
+
+def test_warmup_at_its_default_keeps_the_training_key() -> None:
+    """A field added with a default that reproduces older runs leaves their key unchanged."""
+    cfg = resolve()
+    assert cfg.train.warmup_steps == 0
+    payload = {k: v for k, v in cfg.as_dict().items() if k != "eval"}
+    del payload["train"]["warmup_steps"]
+    payload["revision"] = config.TRAINING_REVISION
+    blob = json.dumps(payload, sort_keys=True).encode()
+    assert cfg.train_key() == hashlib.sha256(blob).hexdigest()[:12]
+    assert resolve(warmup_steps=3).train_key() != cfg.train_key()
+
+
+def test_profile_sizes_are_integers_and_lists_are_checked(tmp_path: Path) -> None:
+    for profile in load_config().profiles:
+        ev = resolve(profile=profile).eval
+        assert all(isinstance(n, int) for n in ev.theorem1_negatives)
+        assert ev.ablation_steps > 2 or profile == "smoke"
+    path = write_config(tmp_path, {("profiles", "cpu", "eval", "theorem1_negatives"): ["10"]})
+    with pytest.raises(ConfigError, match=r"theorem1_negatives must be a list of integers"):
+        load_config(path)

@@ -174,8 +174,11 @@ def _brute(triples: np.ndarray, num_relations: int) -> dict[tuple[int, int], set
                 st.just(n_ent),
                 st.just(n_rel),
                 st.lists(
-                    st.tuples(st.integers(0, n_ent - 1), st.integers(0, n_rel - 1),
-                              st.integers(0, n_ent - 1)),
+                    st.tuples(
+                        st.integers(0, n_ent - 1),
+                        st.integers(0, n_rel - 1),
+                        st.integers(0, n_ent - 1),
+                    ),
                     max_size=25,
                 ),
             )
@@ -310,3 +313,12 @@ def test_empty_file_is_named(tiny: dict[str, Path], role: str, content: str) -> 
     )
     with pytest.raises(DataError, match=expected):
         read_kg(get_dataset("wn18rr"), tiny)
+
+
+def test_every_source_is_pinned_to_a_commit() -> None:
+    for spec in DATASETS.values():
+        assert spec.entity_texts is not None and spec.inverse is not None, spec.name
+        for f in spec.files.values():
+            assert f.url.startswith("https://raw.githubusercontent.com/"), f.url
+            owner, repo, ref = f.url.split("/")[3:6]
+            assert re.fullmatch(r"[0-9a-f]{40}", ref), f"{f.name}: {owner}/{repo} at {ref!r}"

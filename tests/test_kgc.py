@@ -1,4 +1,4 @@
-"""Golden and property tests for kalm.evaluate.kgc (DESIGN.md "Evaluation contract (KGC)")."""
+"""Golden and property tests for kalm.evaluate.kgc (the protocol of book/method.md)."""
 
 from __future__ import annotations
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import smollm2_tokenizer, tiny_llama, toy_kg
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from kalm.evaluate import kgqa
-from kalm.views import INSTRUCTION
+from kalm.prompts import INSTRUCTION
+from kalm.views import ViewBuilder
 
 NEWLINE = "\n"
 
@@ -20,6 +21,17 @@ def tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
 
 
 # ---------------------------------------------------------------- questions
+
+
+def test_zero_shot_tail_question_is_the_training_prompt() -> None:
+    """Without shots, a tail-prediction question is exactly the triple-completion prompt of
+    training (entities without descriptions, so names and entity texts agree)."""
+    kg = toy_kg(test=[(0, 0, 1), (6, 1, 4)])
+    views = ViewBuilder(kg, smollm2_tokenizer(), max_entity_tokens=16)
+    tails = [q for q in kgqa.build_questions(kg, n=0, shots=0, seed=0) if q.task == "tail"]
+    assert len(tails) == 2
+    for q in tails:
+        assert q.prompt == views.prompt_text(q.meta["head"], q.meta["relation"])
 
 
 def test_questions_are_deterministic_and_sized(kg) -> None:
@@ -203,7 +215,7 @@ def test_generation_stops_at_newline(tokenizer) -> None:
     stop = raw.index(newline)
     assert stop <= 3 and tokenizer.eos_token_id not in raw[:stop]
     counter = CountingForward(model)
-    (text,) = kgqa.generate(model, tokenizer, [prompt], max_new_tokens=8)
+    (text,) = kgqa.generate(model, tokenizer, [prompt], max_new_tokens=8, batch_size=16)
     assert text == tokenizer.decode(raw[:stop]).split(NEWLINE)[0]
     assert NEWLINE not in text
     assert counter.calls == stop + 1  # stopped right after the newline, not at 8 tokens
@@ -218,7 +230,7 @@ def test_generation_stops_at_eos(tokenizer) -> None:
         head[tokenizer.eos_token_id] = 3 * head[raw[2]]
     raw = _raw_greedy(model, tokenizer, prompt, 6)
     stop = raw.index(tokenizer.eos_token_id)
-    (text,) = kgqa.generate(model, tokenizer, [prompt], max_new_tokens=6)
+    (text,) = kgqa.generate(model, tokenizer, [prompt], max_new_tokens=6, batch_size=16)
     assert text == tokenizer.decode(raw[:stop]).split(NEWLINE)[0]
 
 
@@ -230,7 +242,9 @@ def test_generation_independent_of_padding_and_order(tokenizer) -> None:
         "walk",
         "Is this true: salviniaceae member meronym salvinia?",
     ]
-    alone = [kgqa.generate(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    alone = [
+        kgqa.generate(model, tokenizer, [p], max_new_tokens=5, batch_size=16)[0] for p in prompts
+    ]
     batched = kgqa.generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
     assert batched == alone
     assert tokenizer.padding_side == "right"  # the caller's tokenizer is left untouched
@@ -239,6 +253,8 @@ def test_generation_independent_of_padding_and_order(tokenizer) -> None:
 def test_generation_through_peft(tokenizer) -> None:
     model = tiny_model(len(tokenizer), seed=3)
     prompts = ["salvinia, member holonym", "white goods, hyponym"]
-    plain = kgqa.generate(model, tokenizer, prompts, max_new_tokens=4)
+    plain = kgqa.generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=16)
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert kgqa.generate(lora, tokenizer, prompts, max_new_tokens=4) == plain  # LoRA B = 0
+    assert (
+        kgqa.generate(lora, tokenizer, prompts, max_new_tokens=4, batch_size=16) == plain
+    )  # LoRA B = 0

@@ -11,6 +11,7 @@ from helpers import tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kalm.data import load_wikitext, wikitext_path
 from kalm.data.errors import DataError
 from kalm.evaluate import lm
 
@@ -36,7 +37,14 @@ def test_full_window_equals_naive_perplexity(model, tokenizer) -> None:
         logits = model(input_ids=ids[None]).logits[0]
     naive = F.cross_entropy(logits[:-1], ids[1:]).item()
     got = lm.perplexity(
-        model, tokenizer, TEXT, max_tokens=0, window=len(ids) + 5, stride=7, progress=False
+        model,
+        tokenizer,
+        TEXT,
+        max_tokens=0,
+        window=len(ids) + 5,
+        stride=7,
+        batch_size=8,
+        progress=False,
     )
     assert got["tokens"] == len(ids) - 1
     assert got["nll"] == pytest.approx(naive, rel=1e-5)
@@ -71,10 +79,14 @@ def test_stride_one_scores_each_token_with_window_context(model, tokenizer) -> N
 
 
 def test_max_tokens_cuts_the_text(model, tokenizer) -> None:
-    got = lm.perplexity(model, tokenizer, TEXT, max_tokens=10, window=4, stride=2, progress=False)
+    got = lm.perplexity(
+        model, tokenizer, TEXT, max_tokens=10, window=4, stride=2, batch_size=8, progress=False
+    )
     assert got["tokens"] == 9 and got["ppl"] > 1
     with pytest.raises(ValueError, match="stride"):
-        lm.perplexity(model, tokenizer, TEXT, max_tokens=10, window=4, stride=5, progress=False)
+        lm.perplexity(
+            model, tokenizer, TEXT, max_tokens=10, window=4, stride=5, batch_size=8, progress=False
+        )
 
 
 @given(n=st.integers(2, 300), window=st.integers(2, 64), frac=st.floats(0.01, 1.0))
@@ -90,24 +102,24 @@ def test_windows_score_every_position_once(n: int, window: int, frac: float) -> 
 
 
 def test_load_wikitext_checks_path_and_hash(tmp_path) -> None:
-    text = lm.load_wikitext("test")
+    text = load_wikitext("test")
     assert text.startswith(" \n = Robert Boulter = \n")
     assert len(text.splitlines()) == 4358
     with pytest.raises(DataError, match=r"wikitext-103/wiki\.test\.tokens not found"):
-        lm.load_wikitext("test", data_dir=tmp_path)
+        load_wikitext("test", data_dir=tmp_path)
     bad = tmp_path / "wikitext" / "wikitext-103"
     bad.mkdir(parents=True)
     (bad / "wiki.test.tokens").write_text("not wikitext")
     with pytest.raises(DataError, match="checksum mismatch"):
-        lm.load_wikitext("test", data_dir=tmp_path)
+        load_wikitext("test", data_dir=tmp_path)
     with pytest.raises(ValueError, match="valid: test, valid"):
-        lm.load_wikitext("train")
+        load_wikitext("train")
 
 
 def test_missing_data_dir_names_the_variable(monkeypatch) -> None:
     monkeypatch.delenv("KALM_DATA_DIR", raising=False)
     with pytest.raises(DataError, match="KALM_DATA_DIR"):
-        lm.wikitext_path("test")
+        wikitext_path("test")
 
 
 WIKI = "\n".join(

@@ -1,4 +1,4 @@
-"""Golden and property tests for kalm.losses (PAPER.md section 1)."""
+"""Golden and property tests for kalm.losses (book/method.md)."""
 
 from __future__ import annotations
 

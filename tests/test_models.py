@@ -1,7 +1,7 @@
 """kalm.models: loading (real SmolLM2, local directories, unreachable hub models) and embeddings.
 
 The embedding must not depend on how a text is batched: padding side, batch size and neighbours
-all change the padded tensor, never the last real token's hidden state (PAPER.md section 1).
+all change the padded tensor, never the last real token's hidden state (book/method.md).
 """
 
 from __future__ import annotations
@@ -20,15 +20,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.config import REPO_ROOT
-from kalm.models import (
-    ModelUnavailableError,
-    decoder_of,
-    encode,
-    encode_ids,
-    load_model,
-    pool_last_token,
-)
+from kalm.config import REPO_ROOT, ModelSpec
+from kalm.encoder import encode_ids
+from kalm.encoder import encode_texts as encode
+from kalm.models import ModelUnavailableError, decoder_of, load_model, pool_last_token
 from kalm.views import pad_batch
 
 TEXTS = [
@@ -202,6 +197,15 @@ def test_local_directory_loads(tiny_dir: Path, offline: None) -> None:
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
     same, _ = load_model(str(tiny_dir), device="cpu")  # a str path works too
     torch.testing.assert_close(encode(same, tokenizer, ["{ dog }"]), emb[:1])
+
+
+def test_a_spec_is_loaded_without_reading_the_configuration(
+    tiny_dir: Path, offline: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KALM_CONFIG", str(tiny_dir / "no-such-config.yml"))
+    spec = ModelSpec(alias="tiny", source="hub", default_profile="cpu", hub_id=str(tiny_dir))
+    model, tokenizer = load_model(spec, device="cpu")
+    assert model.config.hidden_size == 16 and tokenizer.pad_token_id is not None
 
 
 def test_decoder_of_sees_through_peft(tiny_dir: Path) -> None:

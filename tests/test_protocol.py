@@ -19,10 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-import kalm.evaluate.protocol as protocol
+import kalm.encoder as encoder_module
 from kalm.config import resolve
-from kalm.evaluate.protocol import candidate_set, evaluate_kgc, sample_triples
+from kalm.data import KnowledgeGraph, sample_triples
+from kalm.encoder import Encoder
+from kalm.evaluate.protocol import candidate_set, evaluate_kgc, query_entity_effect
 from kalm.runs import Run
+from kalm.views import ViewBuilder
 
 EATS, RESEMBLES = 0, 1
 TEST = [(0, EATS, 1), (2, EATS, 3), (4, EATS, 5)]  # dog eats cat, wolf eats lion, horse eats zebra
@@ -67,6 +70,11 @@ def fake_encoder(tokenizer: object, calls: list[str]):
     return encode_ids
 
 
+def encoder(model: object, tokenizer: object, kg: KnowledgeGraph, cfg: object) -> Encoder:
+    """The encoder of ``model`` as a notebook builds it (views and precision from ``cfg``)."""
+    return Encoder.from_config(model, ViewBuilder.from_config(kg, tokenizer, cfg), cfg)
+
+
 @pytest.fixture
 def smoke_all():
     """The smoke profile, but every test triple and every entity (the graph is tiny)."""
@@ -78,9 +86,11 @@ def test_golden_ranks_with_hand_made_embeddings(
 ) -> None:
     tokenizer = smollm2_tokenizer()
     calls: list[str] = []
-    monkeypatch.setattr(protocol, "encode_ids", fake_encoder(tokenizer, calls))
+    monkeypatch.setattr(encoder_module, "encode_ids", fake_encoder(tokenizer, calls))
     kg = toy_kg(TRAIN, VALID, TEST)
-    result = evaluate_kgc(None, tokenizer, kg, smoke_all, Run(tmp_path), progress=False)
+    result = evaluate_kgc(
+        encoder(None, tokenizer, kg, smoke_all), smoke_all, Run(tmp_path), progress=False
+    )
     assert result.tail.realistic.tolist() == [1.0, 1.0, 2.0]
     assert result.head.optimistic.tolist() == [1.0, 1.0, 3.0]
     assert result.head.pessimistic.tolist() == [1.0, 2.0, 3.0]
@@ -103,13 +113,15 @@ def test_recipe_filter_mode_lets_a_known_answer_compete(
 ) -> None:
     """ "simkgc" only subtracts 1 from known answers' cosine; strict filtering drops them."""
     tokenizer = smollm2_tokenizer()
-    monkeypatch.setattr(protocol, "encode_ids", fake_encoder(tokenizer, []))
+    monkeypatch.setattr(encoder_module, "encode_ids", fake_encoder(tokenizer, []))
     # lion (gold) has cosine -0.30, the six unrelated animals 0, eagle (known) 0.95 - 1 = -0.05
     monkeypatch.setitem(QUERIES, "[ wolf, eats ]", unit({3: -0.3, 6: 0.954}))
     kg = toy_kg(TRAIN, VALID, TEST)
     run = Run(tmp_path)
-    strict = evaluate_kgc(None, tokenizer, kg, smoke_all, run, progress=False)
-    recipe = evaluate_kgc(None, tokenizer, kg, smoke_all, run, mode="simkgc", progress=False)
+    strict = evaluate_kgc(encoder(None, tokenizer, kg, smoke_all), smoke_all, run, progress=False)
+    recipe = evaluate_kgc(
+        encoder(None, tokenizer, kg, smoke_all), smoke_all, run, mode="simkgc", progress=False
+    )
     assert strict.tail.realistic.tolist() == [1.0, 7.0, 2.0]
     assert recipe.tail.realistic.tolist() == [1.0, 8.0, 2.0]
 
@@ -123,19 +135,27 @@ def test_excluding_the_query_entity_only_drops_the_query_entity(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all
 ) -> None:
     tokenizer = smollm2_tokenizer()
-    monkeypatch.setattr(protocol, "encode_ids", fake_encoder(tokenizer, []))
+    monkeypatch.setattr(encoder_module, "encode_ids", fake_encoder(tokenizer, []))
     # horse (the query's own entity) 0.9 > zebra (gold) 0.3 > salmon 0.1: rank 2, then rank 1.
     monkeypatch.setitem(QUERIES, "[ horse, eats ]", unit({4: 0.9, 5: 0.3, 7: 0.1}))
     kg = toy_kg(TRAIN, VALID, TEST)
     run = Run(tmp_path)
-    strict = evaluate_kgc(None, tokenizer, kg, smoke_all, run, progress=False)
+    strict = evaluate_kgc(encoder(None, tokenizer, kg, smoke_all), smoke_all, run, progress=False)
     excluded = evaluate_kgc(
-        None, tokenizer, kg, smoke_all, run, exclude_query_entity=True, progress=False
+        encoder(None, tokenizer, kg, smoke_all),
+        smoke_all,
+        run,
+        exclude_query_entity=True,
+        progress=False,
     )
     assert strict.tail.realistic.tolist() == [1.0, 1.0, 2.0]
     assert excluded.tail.realistic.tolist() == [1.0, 1.0, 1.0]
     # zebra's inverse query ranks dog and cat above horse, and zebra itself scores 0: unchanged.
     assert excluded.head.realistic.tolist() == strict.head.realistic.tolist() == [1.0, 1.5, 3.0]
+    effect = query_entity_effect(strict, excluded)
+    assert effect["query entity outranks gold"] == pytest.approx(1 / 6)  # one of six queries
+    assert effect["MRR"] == strict.table_row()["MRR"] and "MR" not in effect
+    assert effect["Hits@1, query entity filtered"] == excluded.table_row()["Hits@1"]
 
 
 def test_tiny_llama_end_to_end_and_entity_cache(
@@ -145,15 +165,15 @@ def test_tiny_llama_end_to_end_and_entity_cache(
     kg = toy_kg(TRAIN, VALID, [*TEST, (5, RESEMBLES, 4), (6, EATS, 7)])
     cfg = resolve(profile="smoke", test_queries=4, candidates=0)
     calls: list[str] = []
-    real = protocol.encode_ids
+    real = encoder_module.encode_ids
 
     def spy(*args: object, **kwargs: object) -> torch.Tensor:
         calls.append(str(kwargs.get("desc")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(protocol, "encode_ids", spy)
+    monkeypatch.setattr(encoder_module, "encode_ids", spy)
     run = Run(tmp_path / "run")
-    first = evaluate_kgc(tiny, tokenizer, kg, cfg, run, progress=False)
+    first = evaluate_kgc(encoder(tiny, tokenizer, kg, cfg), cfg, run, progress=False)
     q = 4
     assert len(first.triples) == q and len(first.tail) == len(first.head) == q
     for ranks in (first.tail, first.head):
@@ -166,7 +186,7 @@ def test_tiny_llama_end_to_end_and_entity_cache(
     assert list((run.path / "cache").glob("entities-toy-*.pt"))
 
     calls.clear()
-    second = evaluate_kgc(tiny, tokenizer, kg, cfg, run, progress=False)
+    second = evaluate_kgc(encoder(tiny, tokenizer, kg, cfg), cfg, run, progress=False)
     assert calls == ["tail queries", "head queries"]  # the entity index came from the cache
     assert second.timings["entity_seconds"] == first.timings["entity_seconds"]  # as measured
     torch.testing.assert_close(second.tail.realistic, first.tail.realistic)
@@ -179,15 +199,11 @@ def test_bf16_encoding_keeps_the_ranks_and_a_cache_of_its_own(
     kg = toy_kg(TRAIN, VALID, TEST)
     run = Run(tmp_path)
     results = {
-        dtype: evaluate_kgc(
-            tiny,
-            tokenizer,
-            kg,
-            resolve(profile="smoke", test_queries=0, candidates=0, encode_dtype=dtype),
-            run,
-            progress=False,
+        dtype: evaluate_kgc(encoder(tiny, tokenizer, kg, cfg), cfg, run, progress=False)
+        for dtype, cfg in (
+            (d, resolve(profile="smoke", test_queries=0, candidates=0, encode_dtype=d))
+            for d in ("float32", "bfloat16")
         )
-        for dtype in ("float32", "bfloat16")
     }
     names = sorted(p.name for p in (run.path / "cache").glob("entities-toy-*.pt"))
     assert len(names) == 2 and names[0].endswith("-bfloat16.pt")  # fp32 keeps its old name
@@ -202,7 +218,7 @@ def test_restricted_candidates_bound_the_ranks(tmp_path: Path, tiny: torch.nn.Mo
     tokenizer = smollm2_tokenizer()
     kg = toy_kg(TRAIN, VALID, TEST[:1])
     cfg = resolve(profile="smoke", test_queries=0, candidates=3)
-    result = evaluate_kgc(tiny, tokenizer, kg, cfg, Run(tmp_path), progress=False)
+    result = evaluate_kgc(encoder(tiny, tokenizer, kg, cfg), cfg, Run(tmp_path), progress=False)
     assert result.num_candidates == 3
     assert result.tail.pessimistic.max() <= 3 and result.head.pessimistic.max() <= 3
 

@@ -103,3 +103,32 @@ def test_train_log(tmp_path: Path) -> None:
     records = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
     (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert run.train_log() == records
+
+
+def test_run_owns_its_file_names(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    assert run.checkpoint_path == tmp_path / "checkpoint.pt"
+    assert run.train_log_path == tmp_path / "train_log.jsonl"
+    assert run.done_path == tmp_path / "done.json"
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        run.done()
+    run.save_done({"steps": 3})
+    assert run.done() == {"steps": 3}
+    cfg = resolve("smollm2", "wn18rr", profile="smoke")
+    run.save_config(cfg)
+    assert json.loads((tmp_path / "config.json").read_text()) == cfg.as_dict()
+
+
+def test_metric_names_follow_one_scheme() -> None:
+    cfg = resolve("smollm2", "fb15k237", profile="smoke")
+    assert Run.metric_name("kgc", cfg, "test") == "kgc-fb15k237-smoke-test"
+    assert Run.metric_name("similarity", cfg) == "similarity-fb15k237-smoke"
+
+
+def test_cached_timed_keeps_the_first_measurement(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    value, seconds = run.cached_timed("x", lambda: torch.ones(3))
+    again, same = run.cached_timed("x", lambda: torch.zeros(3))
+    torch.testing.assert_close(again, value)
+    assert same == seconds >= 0
+    assert run.load_metrics("timing-x")["rows"] == 3

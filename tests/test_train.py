@@ -14,6 +14,7 @@ from helpers import tiny_llama
 from kalm.config import resolve
 from kalm.losses import explicit_loss
 from kalm.models import load_model
+from kalm.runs import Run
 from kalm.train import Trainer, gather_with_grad, total_steps
 
 
@@ -33,7 +34,7 @@ def test_total_steps_from_epochs_or_max_steps():
 
 
 def test_lora_weights_change_after_one_step(tokenizer, kg, tmp_path):
-    trainer = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, smoke_cfg(), tmp_path)
+    trainer = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, smoke_cfg(), Run(tmp_path))
     before = adapter_weights(trainer)
     assert before, "no LoRA parameters were attached"
     trainer.fit(stop_after=1, progress=False)
@@ -49,15 +50,15 @@ def test_lora_weights_change_after_one_step(tokenizer, kg, tmp_path):
 
 def test_resume_is_exact(tokenizer, kg, tmp_path):
     cfg = smoke_cfg(lora_dropout=0.1, checkpoint_every=1, max_steps=4)
-    straight = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, tmp_path / "a")
+    straight = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path / "a"))
     straight.fit(progress=False)
 
-    first = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, tmp_path / "b")
+    first = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path / "b"))
     first.fit(stop_after=2, progress=False)
-    assert first.step == 2
-    resumed = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, tmp_path / "b")
+    assert first.step_count == 2
+    resumed = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path / "b"))
     resumed.fit(progress=False)
-    assert resumed.step == 4
+    assert resumed.step_count == 4
 
     a, b = adapter_weights(straight), adapter_weights(resumed)
     assert a.keys() == b.keys()
@@ -69,7 +70,7 @@ def test_resume_is_exact(tokenizer, kg, tmp_path):
 
 def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(tokenizer, kg, tmp_path):
     cfg = smoke_cfg(lam=1.0, lm_fraction=0.5)
-    trainer = Trainer(tiny_llama(len(tokenizer), layers=3), tokenizer, kg, cfg, tmp_path)
+    trainer = Trainer(tiny_llama(len(tokenizer), layers=3), tokenizer, kg, cfg, Run(tmp_path))
     torch.manual_seed(1)
     for name, p in trainer.peft_model.named_parameters():
         if "lora_B" in name:  # B starts at zero: give the adapters a non-trivial state
@@ -77,9 +78,9 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(tokenizer, kg, t
     batch = np.arange(cfg.train.batch_size)
 
     def loss_and_grads(share: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        trainer.share_prefix = share
+        trainer.collator.share_prefix = share
         trainer.optimizer.zero_grad(set_to_none=True)
-        parts = trainer.loss(batch)
+        parts = trainer.loss(trainer.collate(batch))
         parts["l_imp"].backward()
         grads = {
             n: p.grad.clone()
@@ -96,17 +97,57 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(tokenizer, kg, t
         torch.testing.assert_close(shared_grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
 
 
+def test_collate_builds_views_masks_and_prompts(tokenizer, kg, tmp_path):
+    cfg = smoke_cfg(lm_fraction=0.5)
+    trainer = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path))
+    indices = np.arange(cfg.train.batch_size)
+    batch = trainer.collate(indices)
+    heads, _, tails = trainer.examples[indices].T
+    n, b = kg.num_entities, len(indices)
+    assert len(batch) == b and batch.heads.tolist() == heads.tolist()
+    assert batch.hr.input_ids.shape[0] == batch.tail.input_ids.shape[0] == b
+    assert batch.tail.attention_mask.sum(1).tolist() == [
+        len(ids) for ids in trainer.views.tail_ids(tails.tolist())
+    ]
+    assert batch.known.shape == (b, n) and batch.false_negative_mask.shape == (b, b)
+    assert not batch.false_negative_mask.diagonal().any()
+    assert batch.self_negative is not None and batch.self_negative_mask.shape == (b,)
+    assert batch.lm is not None and len(batch.lm.input_ids) == cfg.train.lm_examples
+    assert batch.lm_prefix is not None and batch.lm_prefix.shape[0] == 1  # shared preamble
+    assert len(batch.prompt_lengths) == cfg.train.lm_examples
+    off = Trainer(
+        tiny_llama(len(tokenizer)),
+        tokenizer,
+        kg,
+        smoke_cfg(lam=0.0, self_negatives=False),
+        Run(tmp_path / "off"),
+    ).collate(indices)
+    assert off.lm is None and off.self_negative is None and off.self_negative_mask is None
+
+
+def test_step_is_one_optimiser_step(tokenizer, kg, tmp_path):
+    trainer = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, smoke_cfg(), Run(tmp_path))
+    before = adapter_weights(trainer)
+    result = trainer.step(trainer.collate(np.arange(trainer.tcfg.batch_size)))
+    assert trainer.step_count == 1 and trainer.scheduler.scheduler.last_epoch == 1
+    assert set(result.losses) == {"l_exp", "l_imp", "total", "tau"}
+    assert set(result.seconds) == {"forward", "backward", "optimizer", "total"}
+    after = adapter_weights(trainer)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in trainer.peft_model.parameters())  # gradients cleared
+
+
 def test_smoke_profile_lowers_the_loss_of_smollm2(kg, tmp_path):
     model, tokenizer = load_model("smollm2")
     cfg = smoke_cfg(max_steps=6, lora_dropout=0.0, train_subset=16, lm_fraction=0.25)
-    trainer = Trainer(model, tokenizer, kg, cfg, tmp_path)
+    trainer = Trainer(model, tokenizer, kg, cfg, Run(tmp_path))
     batch = np.arange(cfg.train.batch_size)
     trainer.module.eval()
     with torch.no_grad():
-        before = trainer.loss(batch)["total"].item()
+        before = trainer.loss(trainer.collate(batch))["total"].item()
     trainer.fit(progress=False)
     with torch.no_grad():
-        after = trainer.loss(batch)["total"].item()
+        after = trainer.loss(trainer.collate(batch))["total"].item()
     assert after < before
     records = [line for line in (tmp_path / "train_log.jsonl").read_text().splitlines() if line]
     assert len(records) == 6

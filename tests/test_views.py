@@ -1,4 +1,4 @@
-"""kalm.views: the recipe's view templates (PAPER.md section 1), tokenisation and batching."""
+"""kalm.views: the recipe's view templates (book/method.md), tokenisation and batching."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from kalm.data import KnowledgeGraph
+from kalm.prompts import PROMPT_PREAMBLE
 from kalm.views import (
-    PROMPT_PREAMBLE,
     ViewBuilder,
     bucketed_batches,
     iterate_batches,

@@ -71,9 +71,10 @@ def _locate(
                 _verify(path, f, stamps)
                 return path
     tried = ", ".join(str(d / n) for d in search for n in names)
-    if not allow_download:
+    if not (allow_download and spec.downloadable):
+        why = "downloading is off" if spec.downloadable else "it has no single-file download source"
         raise DataError(
-            f"{spec.title} file {f.name} not found (looked for {tried}) and downloading is off. "
+            f"{spec.title} file {f.name} not found (looked for {tried}) and {why}. "
             f"Set KALM_DATA_DIR to a directory holding {spec.name}/{f.stored_name}."
         )
     mirror = os.environ.get("KALM_DATA_URL")
@@ -108,7 +109,7 @@ def _verify(path: Path, f: DataFile, stamps: _Stamps) -> None:
         raise DataError(
             f"checksum mismatch for {path}: expected sha256 {want}, got {got}. The file is "
             "corrupted or a different version; delete it so it is downloaded again, or replace "
-            f"it with a fresh copy of {f.url}"
+            f"it with a fresh copy from {f.url}"
         )
     stamps.record(path, got)
 

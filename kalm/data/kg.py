@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,25 +13,9 @@ from kalm.data.answers import KnownAnswers
 from kalm.data.files import cache_root, data_root, dataset_files
 from kalm.data.formats import read_ids, read_triples
 from kalm.data.registry import DatasetSpec, get_dataset
-from kalm.data.texts import (
-    Texts,
-    freebase_entity_texts,
-    freebase_inverse,
-    relation_texts,
-    wordnet_entity_texts,
-    wordnet_inverse,
-)
+from kalm.data.texts import relation_texts
 
 SPLITS = ("train", "valid", "test")
-
-_ENTITY_TEXTS: dict[str, Callable[[Mapping[str, Path], Sequence[str]], Texts]] = {
-    "wn18rr": wordnet_entity_texts,
-    "fb15k237": freebase_entity_texts,
-}
-_INVERSE: dict[str, Callable[[str], str]] = {
-    "wn18rr": wordnet_inverse,
-    "fb15k237": freebase_inverse,
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +111,9 @@ def read_kg(spec: DatasetSpec, paths: Mapping[str, Path]) -> KnowledgeGraph:
         triples = read_triples(paths[split], entity_index, relation_index)
         triples.setflags(write=False)
         splits[split] = triples
-    names, descriptions = _ENTITY_TEXTS[spec.name](paths, entity_ids)
+    if spec.entity_texts is None or spec.inverse is None:
+        raise ValueError(f"{spec.title} is not a knowledge graph (it has no text builders)")
+    names, descriptions = spec.entity_texts(paths, entity_ids)
     rel_texts = relation_texts(paths["relation_texts"], relation_ids)
     return KnowledgeGraph(
         name=spec.name,
@@ -136,6 +122,15 @@ def read_kg(spec: DatasetSpec, paths: Mapping[str, Path]) -> KnowledgeGraph:
         entity_descriptions=descriptions,
         relation_ids=relation_ids,
         relation_texts=rel_texts,
-        inverse_relation_texts=tuple(_INVERSE[spec.name](t) for t in rel_texts),
+        inverse_relation_texts=tuple(spec.inverse(t) for t in rel_texts),
         **splits,
     )
+
+
+def sample_triples(triples: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A fixed random subset of ``n`` triples in their original order (all of them when ``n``
+    is 0 or too large): the same test sample for every model and notebook of a seed."""
+    if n <= 0 or n >= len(triples):
+        return triples
+    pick = np.random.default_rng(seed).choice(len(triples), size=n, replace=False)
+    return triples[np.sort(pick)]

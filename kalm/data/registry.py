@@ -1,15 +1,25 @@
-"""Where each benchmark file comes from and what it must hash to.
+"""The dataset registry: one entry per dataset with its files, their sources and hashes, and
+the functions that build its entity and inverse-relation texts.
 
 Every file is pinned to a public source at a fixed commit and to the sha256 of its content, so a
-cache built on one machine is byte-identical to one built anywhere else.
+cache built on one machine is byte-identical to one built anywhere else. Adding a knowledge
+graph means adding one entry to `DATASETS` (and its name to `_config.yml`'s `datasets`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from kalm.data.errors import DataError
+from kalm.data.texts import (
+    Texts,
+    freebase_entity_texts,
+    freebase_inverse,
+    wordnet_entity_texts,
+    wordnet_inverse,
+)
 
 _KG_BERT = (
     "https://raw.githubusercontent.com/yao8839836/kg-bert/0b8f625108efcb9b43603b6840f2548ff3d3c973/data"
@@ -18,7 +28,11 @@ _STAR = (
     "https://raw.githubusercontent.com/wangbo9719/StAR_KGC/"
     "a42a82c4a3510110e434611191b922ee0613495f/StAR/data/FB15k-237"
 )
-_SIMKGC = "https://raw.githubusercontent.com/intfloat/SimKGC/main/data/WN18RR"
+_SIMKGC = (
+    "https://raw.githubusercontent.com/intfloat/SimKGC/"
+    "97cc43e488f19ca5b0f6fbf60ffefd2ee56c0693/data/WN18RR"
+)
+_WIKITEXT = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"
 
 
 @dataclass(frozen=True)
@@ -41,13 +55,21 @@ class DataFile:
         return f"{self.name}.gz" if self.gzip_sha256 else self.name
 
 
+EntityTexts = Callable[[Mapping[str, Path], Sequence[str]], Texts]
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A benchmark: its canonical name (also its directory name) and its files by role."""
+    """A dataset: its canonical name (also its directory name), its files by role and, for a
+    knowledge graph, how its entity texts (names, descriptions) and inverse relation words are
+    built. ``downloadable`` is False when the files have no single-file source to fetch."""
 
     name: str
     title: str
     files: Mapping[str, DataFile]
+    entity_texts: EntityTexts | None = None
+    inverse: Callable[[str], str] | None = None
+    downloadable: bool = True
 
 
 def _kg_bert(folder: str, name: str, sha256: str, gzip_sha256: str | None = None) -> DataFile:
@@ -89,6 +111,8 @@ DATASETS: dict[str, DatasetSpec] = {
                 "4cb535c333a3c784bdb6a2a4fc0c96d99cdbb486d5200841bd055e6648454580",
             ),
         },
+        entity_texts=wordnet_entity_texts,
+        inverse=wordnet_inverse,
     ),
     "fb15k237": DatasetSpec(
         name="fb15k237",
@@ -129,8 +153,25 @@ DATASETS: dict[str, DatasetSpec] = {
                 "d982bb5b950820dabc00aee9870cae2035d48c169d10c9f2c225579e19528aa2",
             ),
         },
+        entity_texts=freebase_entity_texts,
+        inverse=freebase_inverse,
     ),
 }
+
+WIKITEXT = DatasetSpec(
+    name="wikitext",
+    title="WikiText-103",
+    files={
+        split: DataFile(f"wikitext-103/wiki.{split}.tokens", _WIKITEXT, sha256)
+        for split, sha256 in (
+            ("test", "56db52eb157b1ab5c89646eef70510c1eca6e12a3bfdb99f0d6b05b4eacb75b9"),
+            ("valid", "9aee9f52d6e77de6c7751fc5e7c44287db3ec0eaf15477098acc6b93c1c4250b"),
+        )
+    },
+    downloadable=False,
+)
+"""WikiText-103 (v1, tokens) ``wiki.<split>.tokens``: general text for the language-modelling
+checks. Its source is a zip archive, so the files are read from the data directory only."""
 
 _ALIASES = {"wn18rr": "wn18rr", "fb15k237": "fb15k237", "fb15k-237": "fb15k237"}
 

@@ -16,7 +16,8 @@ from kalm.data.formats import read_fields, read_mapping
 T = TypeVar("T")
 Texts = tuple[tuple[str, ...], tuple[str, ...]]
 
-# Inverse words for WN18RR relations (PAPER.md section 1), keyed by relation2text words.
+# Inverse words for WN18RR relations (the recipe's, see book/method.md), keyed by relation2text
+# words.
 WORDNET_INVERSES: Mapping[str, str] = {
     "hypernym": "hyponym",
     "instance hypernym": "instance hyponym",

@@ -1,4 +1,4 @@
-"""Embedding-based KGC ranking and metrics (PAPER.md section 3, DESIGN.md "Evaluation contract").
+"""Embedding-based KGC ranking and metrics (the protocol of the book's Method chapter).
 
 Ranks are computed by counting, never by sorting, so ties are explicit: optimistic
 ``1 + #{score > gold}``, pessimistic ``#{score >= gold}`` and realistic = their mean, the same

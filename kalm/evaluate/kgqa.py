@@ -1,7 +1,7 @@
-"""Generation-based KGQA (PAPER.md section 4, Figure 6): four question types on test triples.
+"""Generation-based KGQA (the paper's Figure 6): four question types on test triples.
 
 Every question is a few-shot prompt in the Alpaca format of the triple-completion objective
-(``kalm.views``): the preamble and the task's ``### Instruction`` once, then ``shots`` solved
+(:mod:`kalm.prompts`): the preamble and the task's ``### Instruction`` once, then ``shots`` solved
 examples drawn from the *training* triples as ``### Input`` / ``### Response`` pairs, then the
 question's input and an open response. With no shots, a tail-prediction prompt is exactly the
 training prompt; stating the instruction once keeps prompts short (generation cost is dominated
@@ -42,10 +42,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import RunConfig
-from kalm.data import KnowledgeGraph
-from kalm.evaluate.protocol import sample_triples
+from kalm.data import KnowledgeGraph, sample_triples
 from kalm.paper import read_resource
-from kalm.views import INSTRUCTION, PROMPT_PREAMBLE, pad_batch
+from kalm.prompts import INSTRUCTION, alpaca_prompt
+from kalm.views import pad_batch
 
 __all__ = [
     "CASE_STUDIES",
@@ -122,11 +122,6 @@ def _instruction(kg: KnowledgeGraph, task: str) -> str:
     return _relation_instruction(kg) if task == "relation" else CLASSIFY_INSTRUCTION
 
 
-def _block(inp: str, answer: str | None) -> str:
-    head = f"### Input:\n{inp}\n\n### Response:\n"
-    return head if answer is None else f"{head}{answer}\n\n"
-
-
 def _corrupt(
     kg: KnowledgeGraph, h: int, r: int, t: int, rng: np.random.Generator
 ) -> tuple[int, int, int]:
@@ -179,11 +174,7 @@ def _question(
     h, r, t = (int(x) for x in triple)
     asked = (h, r, t) if true else _corrupt(kg, h, r, t, rng)
     inp, gold = _example(kg, task, *asked, true=true)
-    prompt = (
-        f"{PROMPT_PREAMBLE}\n\n### Instruction:\n{_instruction(kg, task)}\n\n"
-        + "".join(_block(x, a) for x, a in examples)
-        + _block(inp, None)
-    )
+    prompt = alpaca_prompt(_instruction(kg, task), inp, examples)
     meta = {"head": asked[0], "relation": asked[1], "tail": asked[2], "true": true}
     return Question(task, prompt, gold, meta)
 
@@ -270,8 +261,8 @@ def generate(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 10,
-    batch_size: int = 16,
+    max_new_tokens: int,
+    batch_size: int,
     progress: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, each cut at its first newline (EOS also stops).
@@ -364,6 +355,7 @@ def _answer(
         tokenizer,
         [q.prompt for q in questions],
         max_new_tokens=cfg.eval.kgqa_max_new_tokens,
+        batch_size=cfg.eval.kgqa_batch_size,
         progress=progress,
     )
     seconds = time.perf_counter() - started

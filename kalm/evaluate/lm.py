@@ -1,7 +1,8 @@
 """Language-modelling checks on WikiText-103: sliding-window perplexity and a sentence sample.
 
-KaLM claims that aligning representations does not sacrifice language modelling (PAPER.md
-section 5); perplexity of the base and the tuned model on the same general text tests that.
+KaLM claims that aligning representations does not sacrifice language modelling (the book's
+Method chapter, ``book/method.md``); perplexity of the base and the tuned model on the same
+general text (:func:`kalm.data.load_wikitext`) tests that.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,48 +18,9 @@ from torch import nn
 from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.data.download import sha256_file
-from kalm.data.errors import DataError
-from kalm.data.files import data_root
 from kalm.models import decoder_of
 
-__all__ = ["WIKITEXT_SHA256", "load_wikitext", "perplexity", "sentences", "wikitext_path"]
-
-WIKITEXT_SHA256: dict[str, str] = {
-    "test": "56db52eb157b1ab5c89646eef70510c1eca6e12a3bfdb99f0d6b05b4eacb75b9",
-    "valid": "9aee9f52d6e77de6c7751fc5e7c44287db3ec0eaf15477098acc6b93c1c4250b",
-}
-"""sha256 of WikiText-103 (v1, tokens) ``wiki.<split>.tokens``."""
-
-
-def wikitext_path(split: str = "test", data_dir: str | Path | None = None) -> Path:
-    """Where ``wiki.<split>.tokens`` is expected: ``<data dir>/wikitext/wikitext-103/``."""
-    if split not in WIKITEXT_SHA256:
-        raise ValueError(f"unknown WikiText split {split!r}; valid: {', '.join(WIKITEXT_SHA256)}")
-    root = data_root(data_dir)
-    if root is None:
-        raise DataError(
-            "WikiText-103 has no download source here: set KALM_DATA_DIR (or pass data_dir) to a "
-            f"directory holding wikitext/wikitext-103/wiki.{split}.tokens"
-        )
-    return root / "wikitext" / "wikitext-103" / f"wiki.{split}.tokens"
-
-
-def load_wikitext(split: str = "test", data_dir: str | Path | None = None) -> str:
-    """The WikiText-103 ``split`` as one string (its original tokenised form), sha256-checked."""
-    path = wikitext_path(split, data_dir)
-    if not path.is_file():
-        raise DataError(
-            f"{path} not found; set KALM_DATA_DIR (or data_dir) to a directory holding "
-            f"wikitext/wikitext-103/wiki.{split}.tokens"
-        )
-    got = sha256_file(path)
-    if got != WIKITEXT_SHA256[split]:
-        raise DataError(
-            f"checksum mismatch for {path}: expected sha256 {WIKITEXT_SHA256[split]}, got {got}; "
-            "replace it with the WikiText-103 v1 tokens file"
-        )
-    return path.read_text(encoding="utf-8")
+__all__ = ["perplexity", "sentences"]
 
 
 def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -88,13 +49,14 @@ def perplexity(
     max_tokens: int,
     window: int,
     stride: int,
-    batch_size: int = 8,
+    batch_size: int,
     progress: bool = True,
 ) -> dict[str, float]:
     """Sliding-window perplexity of ``text`` (the Hugging Face perplexity guide's scheme).
 
     The text is tokenised without special tokens and cut to its first ``max_tokens`` tokens
-    (0 = all). Windows of ``window`` tokens start every ``stride`` tokens; each token after the
+    (0 = all). Windows of ``window`` tokens start every ``stride`` tokens (``batch_size``
+    windows run together); each token after the
     first is scored once, in the first window that reaches it. The LM head is applied only at
     the scored positions (hidden states come from the decoder body), which saves the
     vocabulary projection of the context tokens. Returns ppl, nll (mean, nats), the number of

@@ -1,4 +1,4 @@
-"""The KGC protocol applied to a model: entity index, query encoding, filtered ranking.
+"""The KGC protocol applied to an encoder: entity index, query encoding, filtered ranking.
 
 Every candidate entity is encoded once per model state as a tail view and cached in the run
 directory, so evaluating the same run again (or on another split) costs only the queries.
@@ -13,32 +13,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import RunConfig
-from kalm.data import KnowledgeGraph
+from kalm.data import KnowledgeGraph, sample_triples
+from kalm.encoder import Encoder
 from kalm.evaluate.kgc import FilterMode, Ranks, per_relation, rank_queries, summarise
-from kalm.models import encode_ids
 from kalm.runs import Run
-from kalm.views import ViewBuilder
 
-__all__ = ["KGCResult", "candidate_set", "entity_index", "evaluate_kgc", "sample_triples"]
-
-
-def sample_triples(triples: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """A fixed random subset of ``n`` triples (all of them when ``n`` is 0 or too large)."""
-    if n <= 0 or n >= len(triples):
-        return triples
-    pick = np.random.default_rng(seed).choice(len(triples), size=n, replace=False)
-    return triples[np.sort(pick)]
+__all__ = [
+    "KGCResult",
+    "candidate_set",
+    "entity_index",
+    "evaluate_kgc",
+    "query_entity_effect",
+]
 
 
 def candidate_set(kg: KnowledgeGraph, triples: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Candidates: all entities (``n`` = 0), else every gold entity plus a random fill to ``n``.
 
-    Restricted candidate sets only serve the smoke profile, where encoding 40k entities would
-    not fit in a minute; the ``cpu`` and ``paper`` profiles rank against every entity.
+    Restricted candidate sets serve quick checks (a profile's ``candidates`` field), where
+    encoding 40k entities would not fit in a minute; the full protocol ranks every entity.
     """
     everything = np.arange(kg.num_entities)
     if n <= 0 or n >= kg.num_entities:
@@ -50,46 +45,23 @@ def candidate_set(kg: KnowledgeGraph, triples: np.ndarray, n: int, seed: int) ->
 
 
 def entity_index(
-    model: nn.Module,
-    views: ViewBuilder,
-    run: Run,
-    candidates: np.ndarray,
-    *,
-    batch_size: int,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
+    encoder: Encoder, run: Run, candidates: np.ndarray, *, progress: bool = True
 ) -> tuple[torch.Tensor, float]:
     """Tail-view embeddings of ``candidates`` (cached in ``run``) and the seconds encoding took.
 
     The time is the one measured when the index was built, kept beside it in the run store, so a
     report of encoding throughput stays the same when the index comes from the cache.
     """
+    views = encoder.views
     texts = "\n".join(views.tail_text(int(e)) for e in candidates)
     digest = hashlib.sha256(texts.encode()).hexdigest()[:16]
+    dtype = encoder.dtype
     precision = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
     name = f"entities-{views.kg.name}-{digest}{precision}"
-
-    def compute() -> torch.Tensor:
-        started = time.perf_counter()
-        ids = views.tail_ids(candidates.tolist())
-        emb = encode_ids(
-            model,
-            ids,
-            pad_id=views.tokenizer.pad_token_id,
-            batch_size=batch_size,
-            progress=progress,
-            desc="entity index",
-            dtype=dtype,
-        )
-        run.save_metrics(
-            f"timing-{name}",
-            {"seconds": time.perf_counter() - started, "entities": len(candidates)},
-        )
-        return emb
-
-    emb = run.cached(name, compute)
-    timing = run.load_metrics(f"timing-{name}") or {"seconds": 0.0}
-    return emb, float(timing["seconds"])
+    ids = candidates.tolist()
+    return run.cached_timed(
+        name, lambda: encoder.encode_entities(ids, progress=progress, desc="entity index")
+    )
 
 
 @dataclass
@@ -121,9 +93,7 @@ class KGCResult:
 
 
 def evaluate_kgc(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    kg: KnowledgeGraph,
+    encoder: Encoder,
     cfg: RunConfig,
     run: Run,
     *,
@@ -134,24 +104,16 @@ def evaluate_kgc(
 ) -> KGCResult:
     """Filtered link prediction on ``split`` in both directions (head prediction = inverse query).
 
-    Filter: known answers from train ∪ valid ∪ test. Sizes come from ``cfg.eval``.
+    The graph is the encoder's (``encoder.views.kg``). Filter: known answers from
+    train ∪ valid ∪ test. Sizes come from ``cfg.eval``.
     ``exclude_query_entity`` also filters the query's own entity (the head of a tail query): a
     diagnostic of how often that entity alone outranks the gold, not the paper's protocol.
     """
+    kg = encoder.views.kg
     n = cfg.eval.test_queries if split == "test" else cfg.eval.valid_queries
     triples = sample_triples(getattr(kg, split), n, cfg.seed)
     candidates = candidate_set(kg, triples, cfg.eval.candidates, cfg.seed)
-    views = ViewBuilder(kg, tokenizer, cfg.train.max_entity_tokens)
-    dtype = getattr(torch, cfg.eval.encode_dtype)
-    entities, encode_seconds = entity_index(
-        model,
-        views,
-        run,
-        candidates,
-        batch_size=cfg.eval.entity_batch_size,
-        dtype=dtype,
-        progress=progress,
-    )
+    entities, encode_seconds = entity_index(encoder, run, candidates, progress=progress)
     position = np.full(kg.num_entities, -1, dtype=np.int64)
     position[candidates] = np.arange(len(candidates))
     known = kg.known_answers()
@@ -163,15 +125,8 @@ def evaluate_kgc(
         ("tail", heads, rels, tails),
         ("head", tails, rels + kg.num_relations, heads),
     ):
-        ids = views.hr_ids(e.tolist(), r.tolist())
-        queries = encode_ids(
-            model,
-            ids,
-            pad_id=tokenizer.pad_token_id,
-            batch_size=cfg.eval.query_batch_size,
-            progress=progress,
-            desc=f"{direction} queries",
-            dtype=dtype,
+        queries = encoder.encode_queries(
+            e.tolist(), r.tolist(), progress=progress, desc=f"{direction} queries"
         )
 
         def filter_mask(part: slice, e: np.ndarray = e, r: np.ndarray = r) -> torch.Tensor:
@@ -185,7 +140,7 @@ def evaluate_kgc(
             entities,
             torch.from_numpy(position[gold]),
             filter_mask,
-            chunk_size=256,
+            chunk_size=cfg.eval.rank_chunk_size,
             mode=mode,
             progress=progress,
         )
@@ -208,3 +163,23 @@ def evaluate_kgc(
         num_candidates=len(candidates),
         timings=timings,
     )
+
+
+def query_entity_effect(strict: KGCResult, excluded: KGCResult) -> dict[str, float]:
+    """How much the query's own entity costs: the share of queries (both directions) whose
+    realistic rank improves when that entity is filtered too, and the headline metrics (no MR)
+    of both evaluations (``excluded`` ran with ``exclude_query_entity=True``)."""
+    if len(strict.triples) != len(excluded.triples):
+        raise ValueError(
+            f"query_entity_effect: the evaluations ranked {len(strict.triples)} and "
+            f"{len(excluded.triples)} triples; evaluate the same configuration twice."
+        )
+    wins = np.concatenate(
+        [
+            (strict.tail.realistic > excluded.tail.realistic).numpy(),
+            (strict.head.realistic > excluded.head.realistic).numpy(),
+        ]
+    )
+    row = {k: v for k, v in strict.table_row().items() if k != "MR"}
+    row |= {f"{k}, query entity filtered": v for k, v in excluded.table_row().items() if k != "MR"}
+    return {"query entity outranks gold": float(wins.mean()), **row}
