@@ -93,6 +93,9 @@ class TrainConfig:
     load_in_8bit: bool
     checkpoint_every: int
     warmup_steps: int = 0  # linear warm-up of the cosine schedule (the recipe uses none)
+    # Weights and matmuls of training and of every evaluation: "bf16" keeps the frozen base in
+    # bf16 under bf16 autocast, with LoRA weights, optimiser state and loss maths in fp32.
+    precision: str = "fp32"
 
     @property
     def lm_examples(self) -> int:
@@ -141,9 +144,6 @@ class EvalConfig:
     descent_rows: int
     descent_dim: int
     descent_steps: int
-    # Matmul precision of KGC encoding (entity index and queries): "bfloat16" autocasts the fp32
-    # weights, ~3x faster on CPUs with bf16 instructions; ranks move a little (benchmarks/).
-    encode_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -337,6 +337,7 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "load_in_8bit": _FLAG,
         "checkpoint_every": _COUNT,
         "warmup_steps": Range(0),
+        "precision": OneOf(("fp32", "bf16")),
         # eval
         "test_queries": _all("every test triple"),
         "valid_queries": _all("every validation triple"),
@@ -367,7 +368,6 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "descent_rows": Range(2, note="a contrastive loss needs a second row"),
         "descent_dim": Range(2, note="a sphere of dimension 1 has two points"),
         "descent_steps": _COUNT,
-        "encode_dtype": OneOf(("float32", "bfloat16")),
         # run
         "seed": Range(0, note="numpy seeds are non-negative"),
     }

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import RunConfig
-from kalm.models import embed_batch
+from kalm.models import compute_dtype, embed_batch, mixed_precision
 from kalm.views import Batch, ViewBuilder, pad_batch
 
 __all__ = ["Encoder", "encode_ids", "encode_texts"]
@@ -29,12 +29,11 @@ def encode_ids(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "encoding",
-    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Embed token id sequences, batched by length (little padding), in the input order.
 
-    ``dtype`` other than the model's runs the forward under autocast (bf16 matmuls on fp32
-    weights); the embeddings are returned in fp32 either way.
+    The forward runs in the model's own precision (:func:`~kalm.models.mixed_precision`); the
+    embeddings are returned in fp32 either way.
     """
     if any(len(r) == 0 for r in token_ids):
         raise ValueError("cannot embed an empty sequence")
@@ -45,7 +44,7 @@ def encode_ids(
     model.eval()
     with (
         torch.inference_mode(),
-        torch.autocast(device.type, dtype=dtype, enabled=dtype != next(model.parameters()).dtype),
+        mixed_precision(model),
         tqdm(total=len(order), desc=desc, disable=not progress, unit="seq") as bar,
     ):
         for start in range(0, len(order), batch_size):
@@ -72,7 +71,6 @@ def encode_texts(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "texts",
-    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Embeddings of plain texts, cut to ``max_length`` tokens. No BOS/EOS is added (the recipe's
     views end with a closing bracket, which is the pooled token) and the LM head is never run."""
@@ -89,15 +87,14 @@ def encode_texts(
         batch_size=batch_size,
         progress=progress,
         desc=desc,
-        dtype=dtype,
     )
 
 
 class Encoder:
     """Embeds head-relation queries, entities (tail views) and plain texts with one model.
 
-    ``dtype`` is the matmul precision of the forward (see ``EvalConfig.encode_dtype``); the
-    batch sizes are those of queries and of entities.
+    Matmuls run in the model's precision (bf16 where its frozen weights are bf16, see
+    ``train.precision``); the batch sizes are those of queries and of entities.
     """
 
     def __init__(
@@ -105,11 +102,10 @@ class Encoder:
         model: nn.Module,
         views: ViewBuilder,
         *,
-        dtype: torch.dtype = torch.float32,
         query_batch_size: int = 64,
         entity_batch_size: int = 64,
     ) -> None:
-        self.model, self.views, self.dtype = model, views, dtype
+        self.model, self.views = model, views
         self.query_batch_size, self.entity_batch_size = query_batch_size, entity_batch_size
 
     @classmethod
@@ -118,10 +114,14 @@ class Encoder:
         return cls(
             model,
             views,
-            dtype=getattr(torch, cfg.eval.encode_dtype),
             query_batch_size=cfg.eval.query_batch_size,
             entity_batch_size=cfg.eval.entity_batch_size,
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The matmul dtype of the encoder's model (part of every cache key of its embeddings)."""
+        return compute_dtype(self.model)
 
     @property
     def pad_id(self) -> int:
@@ -143,7 +143,6 @@ class Encoder:
             batch_size=batch_size,
             progress=progress,
             desc=desc,
-            dtype=self.dtype,
         )
 
     def encode_queries(
@@ -184,7 +183,6 @@ class Encoder:
             batch_size=batch_size or self.entity_batch_size,
             progress=progress,
             desc=desc,
-            dtype=self.dtype,
         )
 
     def embed(self, batch: Batch) -> torch.Tensor:

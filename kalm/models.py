@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -22,14 +25,17 @@ from kalm.config import ModelSpec, load_config
 from kalm.data.files import user_cache
 
 __all__ = [
+    "PRECISIONS",
     "ModelRef",
     "ModelUnavailableError",
     "cache_dir",
+    "compute_dtype",
     "decoder_of",
     "default_device",
     "embed_batch",
     "load_model",
     "load_tokenizer",
+    "mixed_precision",
     "pool_last_token",
 ]
 
@@ -48,9 +54,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
-    # fp32 is faster than bf16 on CPUs without AMX; bf16 is the paper's GPU setting.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+# Weight dtype of the frozen base model per ``train.precision``. In bf16 the LoRA weights, the
+# optimiser state and the loss maths stay fp32 (mixed precision); see :func:`mixed_precision`.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The matmul dtype of ``model``: that of its input embeddings (the frozen base weights;
+    LoRA weights are fp32 either way, and 8-bit models keep their embeddings in bf16)."""
+    return model.get_input_embeddings().weight.dtype
+
+
+@contextmanager
+def mixed_precision(model: nn.Module) -> Iterator[None]:
+    """Run every matmul of ``model`` in its :func:`compute_dtype`, on any device.
+
+    For a bf16 base this is bf16 autocast: the fp32 LoRA weights are cast per matmul, and the
+    adapters' own cast of their input to fp32 is skipped (autocast would cast it straight back;
+    bf16 -> fp32 -> bf16 is exact, so only the copies go). An fp32 model runs unchanged. Losses
+    and pooled embeddings are computed in fp32 by their callers.
+    """
+    dtype = compute_dtype(model)
+    half = dtype in (torch.bfloat16, torch.float16)
+    device = next(model.parameters()).device
+    with (
+        torch.autocast(device.type, dtype=dtype, enabled=half),
+        disable_input_dtype_casting(model, active=half),
+    ):
+        yield
 
 
 def _gguf_file(spec: ModelSpec) -> Path:
@@ -146,20 +177,22 @@ def _unavailable(
 def load_model(
     model: ModelRef,
     *,
+    precision: str = "fp32",
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
     load_in_8bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a :class:`~kalm.config.ModelSpec` (as a
     :class:`~kalm.config.RunConfig` carries it), a local directory or a configuration alias.
 
-    fp32 on CPU, bf16 on GPU unless ``dtype`` says otherwise. ``load_in_8bit`` (the paper's
-    setting) needs a GPU and bitsandbytes.
+    ``precision`` (``fp32`` or ``bf16``, the profile's ``train.precision``) is the dtype of the
+    weights, on CPU and GPU alike. ``load_in_8bit`` (the paper's setting) needs a GPU and
+    bitsandbytes.
     """
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or _default_dtype(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     source, spec = _resolve_source(model)
-    kwargs: dict[str, object] = {"dtype": dtype}
+    kwargs: dict[str, object] = {"dtype": PRECISIONS[precision]}
     if load_in_8bit:
         if device.type != "cuda":
             raise ModelUnavailableError("8-bit loading (profile `paper`) needs a CUDA GPU")

@@ -55,7 +55,7 @@ MEANINGS: dict[str, str] = {
     "lm_stride": "stride of the perplexity evaluation's sliding window",
     "analysis_triples": "test triples in the similarity heatmaps",
     "analysis_sentences": "WikiText sentences in the similarity heatmaps",
-    "encode_dtype": "matmul precision of KGC encoding",
+    "precision": "weights and matmuls of training and evaluation (bf16: mixed precision)",
     "warmup_steps": "linear warm-up steps of the learning-rate schedule",
     "kgqa_batch_size": "KGQA prompts generated per batch",
     "lm_batch_size": "perplexity windows per forward pass",

@@ -29,7 +29,7 @@ from kalm.config import RunConfig, TrainConfig
 from kalm.data import KnowledgeGraph
 from kalm.encoder import Encoder
 from kalm.losses import explicit_loss, false_negative_mask, kalm_loss, lm_loss_from_hidden
-from kalm.models import decoder_of, embed_batch
+from kalm.models import decoder_of, embed_batch, mixed_precision
 from kalm.runs import Run
 from kalm.views import Collator, KaLMBatch, ViewBuilder, iterate_batches, training_examples
 
@@ -150,7 +150,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(),
-            mixed_precision="bf16" if torch.cuda.is_available() else "no",
+            mixed_precision="bf16" if self.tcfg.precision == "bf16" else "no",
         )
         torch.manual_seed(cfg.seed)
         peft_model = attach_lora(model, self.tcfg)
@@ -202,7 +202,16 @@ class Trainer:
         return self.collator.collate(indices)
 
     def loss(self, batch: KaLMBatch) -> dict[str, torch.Tensor]:
-        """KaLM loss components of one batch."""
+        """KaLM loss components of one batch.
+
+        Every matmul (both views, the self-negatives, the LM prompts and the LM head at response
+        positions) runs under one :func:`~kalm.models.mixed_precision` context, so a bf16 base
+        never meets an fp32 activation; the losses themselves are computed in fp32.
+        """
+        with mixed_precision(self.peft_model):
+            return self._loss(batch)
+
+    def _loss(self, batch: KaLMBatch) -> dict[str, torch.Tensor]:
         device = self.accelerator.device
         b = batch.to(device)
         lm = b.lm

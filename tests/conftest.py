@@ -1,4 +1,5 @@
-"""Fixtures shared by the book tests: one warning-free build of the book per test session."""
+"""Fixtures shared by the tests: one warning-free build of the book per test session, and a
+fresh accelerate state per test."""
 
 from __future__ import annotations
 
@@ -36,3 +37,12 @@ def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     )
     return out / "_build" / "html"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state() -> None:
+    """Each test may pick its own mixed precision: accelerate keeps one per process otherwise
+    (a process that trains in one precision keeps it, as a notebook kernel does)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()

@@ -127,8 +127,8 @@ def test_kalm_profile_overrides_auto_but_not_an_explicit_profile(
         ({"lora_targets": "q_proj"}, r"train\.lora_targets must be a list of strings"),
         ({"seed": "1"}, r"seed must be of type int"),
         (
-            {"encode_dtype": "fp16"},
-            r"eval\.encode_dtype = 'fp16' is invalid: it must be one of float32, bfloat16",
+            {"precision": "fp16"},
+            r"train\.precision = 'fp16' is invalid: it must be one of fp32, bf16",
         ),
     ],
 )
@@ -206,7 +206,7 @@ RULE_CASES: dict[str, tuple[list, list[dict]]] = {
     "lm_stride": ([0, 129], [{"lm_stride": 1}, {"lm_stride": 128}]),
     "analysis_triples": ([1, 0], [{"analysis_triples": 2}]),
     "analysis_sentences": ([1], [{"analysis_sentences": 2}]),
-    "encode_dtype": (["fp16", "Float32"], [{"encode_dtype": "bfloat16"}]),
+    "precision": (["fp16", "BF16", "bfloat16"], [{"precision": "bf16"}, {"precision": "fp32"}]),
     "warmup_steps": ([-1], [{"warmup_steps": 0}]),
     "kgqa_batch_size": ([0], [{"kgqa_batch_size": 1}]),
     "lm_batch_size": ([0, -1], [{"lm_batch_size": 1}]),
@@ -360,7 +360,11 @@ EVAL_FIELDS = [f.name for f in dataclasses.fields(type(resolve().eval)) if f.typ
 def test_train_key_ignores_evaluation_sizes(field: str, value: int) -> None:
     wide = {"lm_window": 10_000, "lm_stride": 1}  # any size in range keeps lm_stride <= lm_window
     assert resolve(**{**wide, field: value}).train_key() == resolve().train_key()
-    assert resolve(encode_dtype="bfloat16").train_key() == resolve().train_key()
+
+
+def test_train_key_follows_precision() -> None:
+    """bf16 training gives other weights, so its adapter is stored apart; fp32 keeps its key."""
+    assert resolve(precision="bf16").train_key() != resolve(precision="fp32").train_key()
 
 
 @settings(max_examples=30, deadline=None)
@@ -486,16 +490,16 @@ def test_model_and_dataset_default_to_the_configuration(
     assert (cfg.model.alias, cfg.dataset) == ("mistral", "fb15k237")
 
 
-def test_warmup_at_its_default_keeps_the_training_key() -> None:
-    """A field added with a default that reproduces older runs leaves their key unchanged."""
-    cfg = resolve()
-    assert cfg.train.warmup_steps == 0
+def test_fields_at_their_default_keep_the_training_key() -> None:
+    """Fields added with a default that reproduces older runs leave their key unchanged."""
+    cfg = resolve(profile="smoke")
+    assert cfg.train.warmup_steps == 0 and cfg.train.precision == "fp32"
     payload = {k: v for k, v in cfg.as_dict().items() if k != "eval"}
-    del payload["train"]["warmup_steps"]
+    del payload["train"]["warmup_steps"], payload["train"]["precision"]
     payload["revision"] = config.TRAINING_REVISION
     blob = json.dumps(payload, sort_keys=True).encode()
     assert cfg.train_key() == hashlib.sha256(blob).hexdigest()[:12]
-    assert resolve(warmup_steps=3).train_key() != cfg.train_key()
+    assert resolve(profile="smoke", warmup_steps=3).train_key() != cfg.train_key()
 
 
 def test_profile_sizes_are_integers_and_lists_are_checked(tmp_path: Path) -> None:

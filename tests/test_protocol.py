@@ -6,6 +6,7 @@ random Llama checks the real path end to end (shapes, rank bounds, caching).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,6 +76,11 @@ def encoder(model: object, tokenizer: object, kg: KnowledgeGraph, cfg: object) -
     return Encoder.from_config(model, ViewBuilder.from_config(kg, tokenizer, cfg), cfg)
 
 
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    return tiny_llama(len(smollm2_tokenizer()))
+
+
 @pytest.fixture
 def smoke_all():
     """The smoke profile, but every test triple and every entity (the graph is tiny)."""
@@ -82,14 +88,14 @@ def smoke_all():
 
 
 def test_golden_ranks_with_hand_made_embeddings(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all, tiny: torch.nn.Module
 ) -> None:
     tokenizer = smollm2_tokenizer()
     calls: list[str] = []
     monkeypatch.setattr(encoder_module, "encode_ids", fake_encoder(tokenizer, calls))
     kg = toy_kg(TRAIN, VALID, TEST)
     result = evaluate_kgc(
-        encoder(None, tokenizer, kg, smoke_all), smoke_all, Run(tmp_path), progress=False
+        encoder(tiny, tokenizer, kg, smoke_all), smoke_all, Run(tmp_path), progress=False
     )
     assert result.tail.realistic.tolist() == [1.0, 1.0, 2.0]
     assert result.head.optimistic.tolist() == [1.0, 1.0, 3.0]
@@ -109,7 +115,7 @@ def test_golden_ranks_with_hand_made_embeddings(
 
 
 def test_recipe_filter_mode_lets_a_known_answer_compete(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all, tiny: torch.nn.Module
 ) -> None:
     """ "simkgc" only subtracts 1 from known answers' cosine; strict filtering drops them."""
     tokenizer = smollm2_tokenizer()
@@ -118,21 +124,16 @@ def test_recipe_filter_mode_lets_a_known_answer_compete(
     monkeypatch.setitem(QUERIES, "[ wolf, eats ]", unit({3: -0.3, 6: 0.954}))
     kg = toy_kg(TRAIN, VALID, TEST)
     run = Run(tmp_path)
-    strict = evaluate_kgc(encoder(None, tokenizer, kg, smoke_all), smoke_all, run, progress=False)
+    strict = evaluate_kgc(encoder(tiny, tokenizer, kg, smoke_all), smoke_all, run, progress=False)
     recipe = evaluate_kgc(
-        encoder(None, tokenizer, kg, smoke_all), smoke_all, run, mode="simkgc", progress=False
+        encoder(tiny, tokenizer, kg, smoke_all), smoke_all, run, mode="simkgc", progress=False
     )
     assert strict.tail.realistic.tolist() == [1.0, 7.0, 2.0]
     assert recipe.tail.realistic.tolist() == [1.0, 8.0, 2.0]
 
 
-@pytest.fixture(scope="module")
-def tiny() -> torch.nn.Module:
-    return tiny_llama(len(smollm2_tokenizer()))
-
-
 def test_excluding_the_query_entity_only_drops_the_query_entity(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all, tiny: torch.nn.Module
 ) -> None:
     tokenizer = smollm2_tokenizer()
     monkeypatch.setattr(encoder_module, "encode_ids", fake_encoder(tokenizer, []))
@@ -140,9 +141,9 @@ def test_excluding_the_query_entity_only_drops_the_query_entity(
     monkeypatch.setitem(QUERIES, "[ horse, eats ]", unit({4: 0.9, 5: 0.3, 7: 0.1}))
     kg = toy_kg(TRAIN, VALID, TEST)
     run = Run(tmp_path)
-    strict = evaluate_kgc(encoder(None, tokenizer, kg, smoke_all), smoke_all, run, progress=False)
+    strict = evaluate_kgc(encoder(tiny, tokenizer, kg, smoke_all), smoke_all, run, progress=False)
     excluded = evaluate_kgc(
-        encoder(None, tokenizer, kg, smoke_all),
+        encoder(tiny, tokenizer, kg, smoke_all),
         smoke_all,
         run,
         exclude_query_entity=True,
@@ -195,15 +196,15 @@ def test_tiny_llama_end_to_end_and_entity_cache(
 def test_bf16_encoding_keeps_the_ranks_and_a_cache_of_its_own(
     tmp_path: Path, tiny: torch.nn.Module
 ) -> None:
+    """A bf16 copy of the model (``train.precision: bf16``) encodes under bf16 autocast."""
     tokenizer = smollm2_tokenizer()
     kg = toy_kg(TRAIN, VALID, TEST)
     run = Run(tmp_path)
+    cfg = resolve(profile="smoke", test_queries=0, candidates=0)
+    models = {"float32": tiny, "bfloat16": copy.deepcopy(tiny).to(torch.bfloat16)}
     results = {
-        dtype: evaluate_kgc(encoder(tiny, tokenizer, kg, cfg), cfg, run, progress=False)
-        for dtype, cfg in (
-            (d, resolve(profile="smoke", test_queries=0, candidates=0, encode_dtype=d))
-            for d in ("float32", "bfloat16")
-        )
+        name: evaluate_kgc(encoder(model, tokenizer, kg, cfg), cfg, run, progress=False)
+        for name, model in models.items()
     }
     names = sorted(p.name for p in (run.path / "cache").glob("entities-toy-*.pt"))
     assert len(names) == 2 and names[0].endswith("-bfloat16.pt")  # fp32 keeps its old name

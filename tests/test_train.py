@@ -6,20 +6,27 @@ import dataclasses
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from accelerate.state import AcceleratorState
 from helpers import tiny_llama
 
 from kalm.config import resolve
 from kalm.losses import explicit_loss
-from kalm.models import load_model
+from kalm.models import PRECISIONS, load_model
 from kalm.runs import Run
 from kalm.train import Trainer, gather_with_grad, total_steps
 
 
 def smoke_cfg(**overrides):
     return resolve(profile="smoke", **overrides)
+
+
+def model_for(cfg, tokenizer, seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama whose weights have the dtype of ``cfg.train.precision``."""
+    return tiny_llama(len(tokenizer), seed=seed).to(PRECISIONS[cfg.train.precision])
 
 
 def adapter_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -48,15 +55,16 @@ def test_lora_weights_change_after_one_step(tokenizer, kg, tmp_path):
     assert frozen == []
 
 
-def test_resume_is_exact(tokenizer, kg, tmp_path):
-    cfg = smoke_cfg(lora_dropout=0.1, checkpoint_every=1, max_steps=4)
-    straight = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path / "a"))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact(tokenizer, kg, tmp_path, precision):
+    cfg = smoke_cfg(lora_dropout=0.1, checkpoint_every=1, max_steps=4, precision=precision)
+    straight = Trainer(model_for(cfg, tokenizer), tokenizer, kg, cfg, Run(tmp_path / "a"))
     straight.fit(progress=False)
 
-    first = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path / "b"))
+    first = Trainer(model_for(cfg, tokenizer), tokenizer, kg, cfg, Run(tmp_path / "b"))
     first.fit(stop_after=2, progress=False)
     assert first.step_count == 2
-    resumed = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path / "b"))
+    resumed = Trainer(model_for(cfg, tokenizer), tokenizer, kg, cfg, Run(tmp_path / "b"))
     resumed.fit(progress=False)
     assert resumed.step_count == 4
 
@@ -66,6 +74,45 @@ def test_resume_is_exact(tokenizer, kg, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
     log = [line for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines() if line]
     assert len(log) == 4  # steps re-run after the checkpoint are not logged twice
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_mixed_precision_step(tokenizer, kg, tmp_path, checkpointing):
+    """bf16 base weights, fp32 LoRA and optimiser, L_imp on: the step runs and trains.
+
+    This is the path of every GPU run (bf16 weights, ``Accelerator(mixed_precision="bf16")``);
+    before it existed, the LM head met fp32 hidden states outside autocast and crashed.
+    """
+    cfg = smoke_cfg(precision="bf16", lam=0.5, gradient_checkpointing=checkpointing)
+    trainer = Trainer(model_for(cfg, tokenizer), tokenizer, kg, cfg, Run(tmp_path))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    before = adapter_weights(trainer)
+    assert {w.dtype for w in before.values()} == {torch.float32}  # adapters stay fp32
+    result = trainer.step(trainer.collate(np.arange(cfg.train.batch_size)))
+    losses = {k: float(v) for k, v in result.losses.items()}
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    assert losses["l_imp"] > 0  # the LM prompts ran through the bf16 LM head
+    assert result.losses["total"].dtype == torch.float32  # loss maths in fp32
+    after = adapter_weights(trainer)
+    assert {w.dtype for w in after.values()} == {torch.float32}
+    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    state = trainer.optimizer.state_dict()["state"]
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.float32}
+
+
+def test_bf16_and_fp32_losses_agree(tokenizer, kg, tmp_path):
+    """One batch, the same weights in fp32 and in bf16 mixed precision: the loss parts agree
+    to bf16 rounding (about 3 significant digits per matmul, amplified by 1/tau = 20)."""
+    parts = {}
+    for precision in ("fp32", "bf16"):
+        AcceleratorState._reset_state()  # one mixed precision per process otherwise
+        cfg = smoke_cfg(precision=precision, lam=0.5)
+        trainer = Trainer(model_for(cfg, tokenizer), tokenizer, kg, cfg, Run(tmp_path / precision))
+        with torch.no_grad():
+            parts[precision] = trainer.loss(trainer.collate(np.arange(cfg.train.batch_size)))
+    for name in ("l_exp", "l_imp", "total"):
+        a, b = float(parts["fp32"][name]), float(parts["bf16"][name])
+        assert abs(a - b) <= 0.02 * abs(a) + 0.02, (name, a, b)
 
 
 def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(tokenizer, kg, tmp_path):

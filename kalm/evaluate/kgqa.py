@@ -43,6 +43,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import RunConfig
 from kalm.data import KnowledgeGraph, sample_triples
+from kalm.models import mixed_precision
 from kalm.paper import read_resource
 from kalm.prompts import INSTRUCTION, alpaca_prompt
 from kalm.views import pad_batch
@@ -269,7 +270,7 @@ def generate(
 
     Prompts are sorted by length and left-padded in batches (so the new tokens of every row
     start at the same column); a batch stops as soon as every row has a newline or EOS. Returns
-    the texts in the input order. Works for plain and peft models.
+    the texts in the input order. Works for plain and peft models, in the model's precision.
     """
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
@@ -281,6 +282,7 @@ def generate(
     model.eval()
     with (
         torch.inference_mode(),
+        mixed_precision(model),
         tqdm(total=len(ids), desc="generating", disable=not progress, unit="q") as bar,
     ):
         for start in range(0, len(order), batch_size):

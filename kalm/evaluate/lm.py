@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.models import decoder_of
+from kalm.models import decoder_of, mixed_precision
 
 __all__ = ["perplexity", "sentences"]
 
@@ -59,7 +59,8 @@ def perplexity(
     windows run together); each token after the
     first is scored once, in the first window that reaches it. The LM head is applied only at
     the scored positions (hidden states come from the decoder body), which saves the
-    vocabulary projection of the context tokens. Returns ppl, nll (mean, nats), the number of
+    vocabulary projection of the context tokens. Matmuls run in the model's precision, the
+    cross-entropy in fp32. Returns ppl, nll (mean, nats), the number of
     scored tokens and the seconds taken.
     """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -81,6 +82,7 @@ def perplexity(
         groups.setdefault(span[1] - span[0], []).append(span)
     with (
         torch.inference_mode(),
+        mixed_precision(model),
         tqdm(total=len(spans), desc="perplexity", disable=not progress, unit="win") as bar,
     ):
         for group in groups.values():
