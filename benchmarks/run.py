@@ -21,7 +21,16 @@ from typing import Any
 import torch
 from bench_common import RESULTS, THREADS, Workload, measure_load, save, wait_until_quiet
 
-BENCHMARKS = ("peak", "encoding", "precision", "compile", "training", "recipe", "evaluation")
+BENCHMARKS = (
+    "peak",
+    "encoding",
+    "precision",
+    "compile",
+    "training",
+    "recipe",
+    "evaluation",
+    "precision_training",
+)
 QUIET_LOAD = 1.0
 
 
@@ -32,6 +41,7 @@ def _runners(
     import bench_encoding
     import bench_evaluation
     import bench_precision
+    import bench_precision_training
     import bench_training
 
     batch = w.cfg.eval.entity_batch_size
@@ -42,6 +52,7 @@ def _runners(
         "training": lambda: bench_training.run(w, args.quick),
         "recipe": lambda: bench_training.recipe(w, args.quick),
         "evaluation": lambda: bench_evaluation.run(w, args.quick, args.full_eval),
+        "precision_training": lambda: bench_precision_training.run(args.quick),
     }
 
 
@@ -78,7 +89,20 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             minutes <= 12,
             f"{minutes:.1f} min{label}",
         )
+    if "precision_training" in results:
+        rows.append(_precision_training_target(results["precision_training"]))
     return rows
+
+
+def _precision_training_target(result: dict[str, Any]) -> dict[str, Any]:
+    rel = result["relative_mrr_difference"]
+    return {
+        "target": f"bf16 training: validation MRR vs fp32 ({result['steps']} steps)",
+        "goal": f"within {result['tolerance']:.0%}",
+        "measured": rel,
+        "shown": f"{rel:+.1%}",
+        "met": result["within_tolerance"],
+    }
 
 
 def print_table(rows: list[dict[str, Any]], peak: float, load: tuple[float, ...]) -> None:
@@ -144,6 +168,18 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]], pea
         figures.append(
             f"| torch.compile (encoding) | {c['speedup']:.2f}x after "
             f"{c['compile_seconds_first_shape']:.0f} s of compilation |"
+        )
+    if "precision_training" in results:
+        p = results["precision_training"]
+        arms, mrr = p["arms"], p["valid_mrr"]
+        figures.append(
+            f"| {p['steps']} `cpu`-profile training steps, fp32 vs bf16 (same seed and batches) | "
+            f"largest loss difference along the curve {p['largest_loss_difference']['total']:.4f}"
+            f" (L_exp {p['largest_loss_difference']['L_exp']:.4f}); validation MRR "
+            f"{mrr['fp32']:.4f} vs {mrr['bf16']:.4f} ({arms['bf16']['queries']:,} queries, "
+            f"{arms['bf16']['candidates']:,} candidates); "
+            f"{arms['fp32']['examples_per_s_median']:.2f} vs "
+            f"{arms['bf16']['examples_per_s_median']:.2f} examples/s |"
         )
     if figures:
         lines += ["", "| measurement | value |", "|---|---|", *figures]

@@ -114,6 +114,26 @@ def test_golden_ranks_with_hand_made_embeddings(
     assert result.as_dict()["num_queries"] == 3
 
 
+def test_validation_is_filtered_without_test_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all, tiny: torch.nn.Module
+) -> None:
+    """Tuning on validation never sees the test set: a test answer is not filtered there."""
+    tokenizer = smollm2_tokenizer()
+    monkeypatch.setattr(encoder_module, "encode_ids", fake_encoder(tokenizer, []))
+    # wolf eats lion (validation) and eagle (test); eagle scores 0.8, lion 0.6
+    kg = toy_kg([(1, RESEMBLES, 3)], [(2, EATS, 3)], [(2, EATS, 6)])
+    run = Run(tmp_path)
+    valid = evaluate_kgc(
+        encoder(tiny, tokenizer, kg, smoke_all), smoke_all, run, split="valid", progress=False
+    )
+    assert valid.tail.realistic.tolist() == [2.0]  # eagle, a test answer, still competes
+    kg_test = toy_kg([(1, RESEMBLES, 3)], [(2, EATS, 6)], [(2, EATS, 3)])
+    test = evaluate_kgc(
+        encoder(tiny, tokenizer, kg_test, smoke_all), smoke_all, run, progress=False
+    )
+    assert test.tail.realistic.tolist() == [1.0]  # on test, the validation answer is filtered
+
+
 def test_recipe_filter_mode_lets_a_known_answer_compete(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smoke_all, tiny: torch.nn.Module
 ) -> None:

@@ -105,7 +105,8 @@ def evaluate_kgc(
     """Filtered link prediction on ``split`` in both directions (head prediction = inverse query).
 
     The graph is the encoder's (``encoder.views.kg``). Filter: known answers from
-    train ∪ valid ∪ test. Sizes come from ``cfg.eval``.
+    train ∪ valid ∪ test on the test split; on the validation split train ∪ valid only, so that
+    tuning never sees a test triple. Sizes come from ``cfg.eval``.
     ``exclude_query_entity`` also filters the query's own entity (the head of a tail query): a
     diagnostic of how often that entity alone outranks the gold, not the paper's protocol.
     """
@@ -116,7 +117,7 @@ def evaluate_kgc(
     entities, encode_seconds = entity_index(encoder, run, candidates, progress=progress)
     position = np.full(kg.num_entities, -1, dtype=np.int64)
     position[candidates] = np.arange(len(candidates))
-    known = kg.known_answers()
+    known = kg.known_answers(("train", "valid") if split == "valid" else ("train", "valid", "test"))
     cols = torch.from_numpy(candidates)
     heads, rels, tails = triples.T
     ranks: dict[str, Ranks] = {}
