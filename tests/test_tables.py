@@ -88,3 +88,16 @@ def test_bad_input_is_named() -> None:
         styled_table(table1(), formats={"Hits@1": "{:.3f}"})
     with pytest.raises(ValueError, match="keep"):
         styled_table(table1(), max_rows=5, keep=3)
+
+
+def test_query_entity_table_stacks_the_two_rankings() -> None:
+    from kalm.tables import query_entity_table
+
+    effect = {"query entity outranks gold": 0.9, "MRR": 0.1, "Hits@1": 0.0,
+              "MRR, query entity filtered": 0.4, "Hits@1, query entity filtered": 0.3}
+    table = query_entity_table({"untuned": effect, "KaLM": effect})
+    assert list(table.columns) == ["model", "ranking", "MRR", "Hits@1"]
+    assert list(table["ranking"]) == ["all entities", "query entity filtered"] * 2
+    assert table.loc[1, "MRR"] == 0.4
+    with pytest.raises(ValueError, match="counterpart"):
+        query_entity_table({"x": {"MRR": 0.1}})
