@@ -193,7 +193,9 @@ def metric_bars(table: pd.DataFrame, metrics: Sequence[str], *, ylabel: str) -> 
     return fig
 
 
-def value_bars(values: Mapping[str, float], *, ylabel: str, title: str, fmt: str = "{:.1f}") -> Figure:
+def value_bars(
+    values: Mapping[str, float], *, ylabel: str, title: str, fmt: str = "{:.1f}"
+) -> Figure:
     """One bar per named value, each annotated with its value (e.g. perplexity per model)."""
     fig, ax = plt.subplots(figsize=(4.5, 3.2), layout="constrained")
     names = list(values)

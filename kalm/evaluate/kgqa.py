@@ -478,7 +478,9 @@ def has_repeated_word(answer: str) -> bool:
     return len(words) != len(set(words))
 
 
-def repetition_share(df: pd.DataFrame, tasks: Sequence[str] = ("head", "tail", "relation")) -> float:
+def repetition_share(
+    df: pd.DataFrame, tasks: Sequence[str] = ("head", "tail", "relation")
+) -> float:
     """Share of the generated answers of ``tasks`` that repeat a word (see
     :func:`has_repeated_word`); classification answers, a fixed yes/no sentence, are left out
     by default."""
