@@ -168,10 +168,21 @@ def rank_histogram(ranks: pd.DataFrame, num_candidates: int, *, bins: int = 30) 
         raise ValueError(f"rank_histogram: `ranks` lacks the columns {missing}")
     fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
     edges = np.logspace(0, np.log10(num_candidates + 1), bins)
-    sns.histplot(ranks, x="rank", hue="model", bins=edges, element="step", stat="proportion",
-                 common_norm=False, ax=ax)
-    ax.set(xscale="log", xlabel="rank of the gold entity (realistic, log scale)",
-           ylabel="share of queries")
+    sns.histplot(
+        ranks,
+        x="rank",
+        hue="model",
+        bins=edges,
+        element="step",
+        stat="proportion",
+        common_norm=False,
+        ax=ax,
+    )
+    ax.set(
+        xscale="log",
+        xlabel="rank of the gold entity (realistic, log scale)",
+        ylabel="share of queries",
+    )
     legend_outside(ax, title="model")
     return fig
 
@@ -183,8 +194,11 @@ def metric_bars(table: pd.DataFrame, metrics: Sequence[str], *, ylabel: str) -> 
     if missing:
         raise ValueError(f"metric_bars: `table` lacks the columns {missing}")
     arm = table.index.name or "arm"
-    long = table[list(metrics)].rename_axis(arm).reset_index().melt(
-        id_vars=arm, var_name="metric", value_name="value"
+    long = (
+        table[list(metrics)]
+        .rename_axis(arm)
+        .reset_index()
+        .melt(id_vars=arm, var_name="metric", value_name="value")
     )
     fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
     sns.barplot(long, x="metric", y="value", hue=arm, ax=ax)
@@ -215,13 +229,24 @@ def convergence_plot(gaps: Mapping[str, pd.DataFrame], *, reference: str) -> Fig
     """
     fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
     for label, table in gaps.items():
-        ax.errorbar(table["N"], table["gap"].abs(), yerr=2 * table["stderr"], marker="o",
-                    capsize=3, label=label)
+        ax.errorbar(
+            table["N"],
+            table["gap"].abs(),
+            yerr=2 * table["stderr"],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     first = gaps[reference]
     ns = first["N"].to_numpy()
     ax.plot(ns, abs(first["gap"].iloc[0]) * ns[0] / ns, ls="--", color="grey", label="∝ 1/N")
-    ax.set(xscale="log", yscale="log", xlabel="negatives N",
-           ylabel="|E[ℓ_N] − log N − limit|", title="Theorem 1: gap to the limit")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="negatives N",
+        ylabel="|E[ℓ_N] − log N − limit|",
+        title="Theorem 1: gap to the limit",
+    )
     ax.legend()
     return fig
 

@@ -175,7 +175,6 @@ def test_summarise_counts_and_intervals() -> None:
     assert (table["lenient"] <= table["lenient_hi"]).all()
 
 
-
 # ---------------------------------------------------------------- reading the answers
 
 
@@ -187,8 +186,12 @@ def _answers(rows: list[tuple[str, str, str]]):
 
 def test_majority_baseline_and_first_words() -> None:
     df = _answers(
-        [("classification", kgqa.YES, "No."), ("classification", kgqa.NO, "no, this is not true"),
-         ("classification", kgqa.NO, "Yes"), ("tail", "dog", "")]
+        [
+            ("classification", kgqa.YES, "No."),
+            ("classification", kgqa.NO, "no, this is not true"),
+            ("classification", kgqa.NO, "Yes"),
+            ("tail", "dog", ""),
+        ]
     )
     assert kgqa.majority_baseline(df) == pytest.approx(2 / 3)
     shares = kgqa.first_word_shares(df)
@@ -199,8 +202,14 @@ def test_majority_baseline_and_first_words() -> None:
 
 @pytest.mark.parametrize(
     ("answer", "repeated"),
-    [("white goods", False), ("the the the", True), ("Dog, dog.", True), ("", False),
-     ("member meronym", False), ("fern fern-ally", True)],
+    [
+        ("white goods", False),
+        ("the the the", True),
+        ("Dog, dog.", True),
+        ("", False),
+        ("member meronym", False),
+        ("fern fern-ally", True),
+    ],
 )
 def test_has_repeated_word(answer: str, repeated: bool) -> None:
     assert kgqa.has_repeated_word(answer) is repeated
@@ -208,8 +217,13 @@ def test_has_repeated_word(answer: str, repeated: bool) -> None:
 
 def test_repetition_share_leaves_classification_out() -> None:
     df = _answers(
-        [("tail", "dog", "dog dog dog"), ("head", "cat", "cat"), ("relation", "hypernym", "a a"),
-         ("tail", "x", "y"), ("classification", kgqa.YES, "yes yes")]
+        [
+            ("tail", "dog", "dog dog dog"),
+            ("head", "cat", "cat"),
+            ("relation", "hypernym", "a a"),
+            ("tail", "x", "y"),
+            ("classification", kgqa.YES, "yes yes"),
+        ]
     )
     assert kgqa.repetition_share(df) == pytest.approx(0.5)
     assert kgqa.repetition_share(df, tasks=("classification",)) == 1.0
@@ -221,9 +235,11 @@ def test_accuracy_table_and_paper_comparison() -> None:
     import pandas as pd
 
     df = pd.DataFrame(
-        {"task": ["tail"] * 4 + ["classification"] * 2,
-         "exact": [True, False, False, False, True, False],
-         "lenient": [True, True, False, False, True, False]}
+        {
+            "task": ["tail"] * 4 + ["classification"] * 2,
+            "exact": [True, False, False, False, True, False],
+            "lenient": [True, True, False, False, True, False],
+        }
     )
     summary = kgqa.summarise(df)
     table = kgqa.accuracy_table({"ours": summary})

@@ -99,8 +99,9 @@ def test_rank_histogram_and_metric_bars_label_axes_and_put_legend_outside() -> N
     ranks = pd.DataFrame({"rank": [1, 5, 50, 2, 3, 900], "model": ["a"] * 3 + ["b"] * 3})
     ax = plots.rank_histogram(ranks, 1000).axes[0]
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "share of queries"
-    table = pd.DataFrame({"MRR": [0.1, 0.2], "Hits@1": [0.0, 0.1]},
-                         index=pd.Index(["off", "on"], name="arm"))
+    table = pd.DataFrame(
+        {"MRR": [0.1, 0.2], "Hits@1": [0.0, 0.1]}, index=pd.Index(["off", "on"], name="arm")
+    )
     ax = plots.metric_bars(table, ["MRR", "Hits@1"], ylabel="validation").axes[0]
     legend = ax.get_legend()
     assert legend is not None and legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1

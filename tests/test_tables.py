@@ -93,8 +93,13 @@ def test_bad_input_is_named() -> None:
 def test_query_entity_table_stacks_the_two_rankings() -> None:
     from kalm.tables import query_entity_table
 
-    effect = {"query entity outranks gold": 0.9, "MRR": 0.1, "Hits@1": 0.0,
-              "MRR, query entity filtered": 0.4, "Hits@1, query entity filtered": 0.3}
+    effect = {
+        "query entity outranks gold": 0.9,
+        "MRR": 0.1,
+        "Hits@1": 0.0,
+        "MRR, query entity filtered": 0.4,
+        "Hits@1, query entity filtered": 0.3,
+    }
     table = query_entity_table({"untuned": effect, "KaLM": effect})
     assert list(table.columns) == ["model", "ranking", "MRR", "Hits@1"]
     assert list(table["ranking"]) == ["all entities", "query entity filtered"] * 2
