@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from pandas.io.formats.style import Styler
 
-__all__ = ["query_entity_table", "styled_table"]
+__all__ = ["kgc_summary_table", "query_entity_table", "styled_table"]
 
 PAPER = "paper"
 """Value of the ``source`` column (or index level) that marks a row copied from the paper."""
@@ -206,3 +206,22 @@ def query_entity_table(effects: Mapping[str, Mapping[str, float]]) -> pd.DataFra
             }
         )
     return pd.DataFrame(rows)
+
+
+def kgc_summary_table(
+    summary: Mapping[str, Mapping[str, float]], *, caption: str | None = None
+) -> Styler:
+    """A KGC evaluation's metrics per direction (``KGCResult.summary``: tail, head, both) as a
+    book table, with readable headers and whole-number MR and query counts."""
+    df = pd.DataFrame(summary).T.rename_axis("direction")
+    df = df.rename(
+        columns={
+            "MRR_optimistic": "MRR (optimistic)",
+            "MRR_pessimistic": "MRR (pessimistic)",
+            "count": "queries",
+        }
+    )
+    if "queries" in df:
+        df["queries"] = df["queries"].astype(int)
+    formats = {"MR": "{:,.0f}"} if "MR" in df else None
+    return styled_table(df, formats=formats, caption=caption)

@@ -106,3 +106,18 @@ def test_query_entity_table_stacks_the_two_rankings() -> None:
     assert table.loc[1, "MRR"] == 0.4
     with pytest.raises(ValueError, match="counterpart"):
         query_entity_table({"x": {"MRR": 0.1}})
+
+
+def test_kgc_summary_table_names_directions_and_counts() -> None:
+    from kalm.tables import kgc_summary_table
+
+    summary = {
+        d: {"MR": 1234.5, "MRR": 0.1, "MRR_optimistic": 0.1, "MRR_pessimistic": 0.1, "count": 4.0}
+        for d in ("tail", "head", "both")
+    }
+    styler = kgc_summary_table(summary)
+    assert list(styler.data.index) == ["tail", "head", "both"]
+    assert "queries" in styler.data and styler.data["queries"].dtype.kind == "i"
+    html = styler.to_html()
+    assert "1,234" in html or "1,235" in html
+    assert "MRR (optimistic)" in html
