@@ -85,6 +85,13 @@ def styled_table(
             f"styled_table: `formats` names columns {unknown} that the table does not have; "
             f"its columns are {list(df.columns)}"
         )
+    if not df.index.is_unique:
+        if not hide_index:
+            raise ValueError(
+                "styled_table: the table's row labels repeat (e.g. after pd.concat); pass "
+                "hide_index=True or give it unique labels (df.reset_index(drop=True))"
+            )
+        df = df.reset_index(drop=True)  # hidden labels: renumbered so cells can be styled
     summarised = len(df) > max_rows
     if summarised and csv is None:
         raise ValueError(

@@ -121,3 +121,10 @@ def test_kgc_summary_table_names_directions_and_counts() -> None:
     html = styler.to_html()
     assert "1,234" in html or "1,235" in html
     assert "MRR (optimistic)" in html
+
+
+def test_repeated_row_labels_are_renumbered_when_hidden() -> None:
+    df = pd.DataFrame({"a": [1, 2, 3]}, index=[0, 0, 1])
+    assert "<td" in styled_table(df, hide_index=True).to_html()
+    with pytest.raises(ValueError, match="repeat"):
+        styled_table(df)
