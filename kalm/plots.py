@@ -221,7 +221,8 @@ def value_bars(
 
 
 def convergence_plot(gaps: Mapping[str, pd.DataFrame], *, reference: str) -> Figure:
-    """|gap| to a limit against the sample size N (log-log), with 2-standard-error bars.
+    """The absolute gap to a limit against the sample size N (log-log), with 2-standard-error
+    bars.
 
     Each table of `gaps` (one per legend label) needs the columns ``N``, ``gap`` and
     ``stderr``; a dashed ``∝ 1/N`` line through the first point of `reference` shows the
