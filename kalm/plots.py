@@ -81,6 +81,17 @@ def legend_outside(ax: Axes, *, title: str | None = None) -> None:
         )
 
 
+def smoothing_window(n: int) -> int:
+    """Default rolling-mean window of a training log of `n` steps: a twentieth of the run."""
+    return max(1, n // 20)
+
+
+def smoothed(values: pd.Series, window: int | None = None) -> pd.Series:
+    """Rolling mean over `window` steps (default :func:`smoothing_window`), as drawn by
+    :func:`loss_curves`; the first values average the steps seen so far."""
+    return values.rolling(window or smoothing_window(len(values)), min_periods=1).mean()
+
+
 def loss_curves(
     log: pd.DataFrame,
     panels: Mapping[str, str],
@@ -99,13 +110,13 @@ def loss_curves(
         raise ValueError(
             f"loss_curves: the log lacks the columns {missing}; it has {list(log.columns)}"
         )
-    window = window or max(1, len(log) // 20)
+    window = window or smoothing_window(len(log))
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.6 * len(panels), 3.4), layout="constrained", squeeze=False
     )
     for ax, (column, title) in zip(axes[0], panels.items(), strict=True):
         ax.plot(log[step], log[column], alpha=0.3, color="C0", label="per step (raw)")
-        smooth = log[column].rolling(window, min_periods=1).mean()
+        smooth = smoothed(log[column], window)
         ax.plot(log[step], smooth, color="C0", lw=2, label=f"rolling mean of {window} steps")
         ax.set(xlabel="optimiser step", ylabel=f"{column} (loss)", title=title)
         ax.legend(fontsize="small")
@@ -143,6 +154,118 @@ def barh_chart(
     ax.set(xlabel=xlabel or value, ylabel="")
     if hue:
         legend_outside(ax, title=hue)
+    return fig
+
+
+def rank_histogram(ranks: pd.DataFrame, num_candidates: int, *, bins: int = 30) -> Figure:
+    """Share of queries per (log-spaced) rank of the gold entity, one step line per model.
+
+    `ranks` needs the columns ``rank`` and ``model``; each model is normalised on its own, so
+    models with equally many queries compare directly.
+    """
+    missing = sorted({"rank", "model"} - set(ranks.columns))
+    if missing:
+        raise ValueError(f"rank_histogram: `ranks` lacks the columns {missing}")
+    fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
+    edges = np.logspace(0, np.log10(num_candidates + 1), bins)
+    sns.histplot(
+        ranks,
+        x="rank",
+        hue="model",
+        bins=edges,
+        element="step",
+        stat="proportion",
+        common_norm=False,
+        ax=ax,
+    )
+    ax.set(
+        xscale="log",
+        xlabel="rank of the gold entity (realistic, log scale)",
+        ylabel="share of queries",
+    )
+    legend_outside(ax, title="model")
+    return fig
+
+
+def metric_bars(table: pd.DataFrame, metrics: Sequence[str], *, ylabel: str) -> Figure:
+    """Grouped bars: one group per metric (x), one bar per row of `table` (the arms compared),
+    the legend outside the bars. Draw inside :func:`large_text` for a page figure."""
+    missing = sorted(set(metrics) - set(table.columns))
+    if missing:
+        raise ValueError(f"metric_bars: `table` lacks the columns {missing}")
+    arm = table.index.name or "arm"
+    long = (
+        table[list(metrics)]
+        .rename_axis(arm)
+        .reset_index()
+        .melt(id_vars=arm, var_name="metric", value_name="value")
+    )
+    fig, ax = plt.subplots(figsize=(7.5, 3.4), layout="constrained")
+    sns.barplot(long, x="metric", y="value", hue=arm, ax=ax)
+    ax.set(ylabel=ylabel, xlabel="")
+    legend_outside(ax, title=arm)
+    return fig
+
+
+def value_bars(
+    values: Mapping[str, float], *, ylabel: str, title: str, fmt: str = "{:.1f}"
+) -> Figure:
+    """One bar per named value, each annotated with its value (e.g. perplexity per model)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), layout="constrained")
+    names = list(values)
+    ax.bar(names, [values[n] for n in names], color=[f"C{i}" for i in range(len(names))])
+    ax.set(ylabel=ylabel, title=title)
+    for i, name in enumerate(names):
+        ax.annotate(fmt.format(values[name]), (i, values[name]), ha="center", va="bottom")
+    return fig
+
+
+def convergence_plot(gaps: Mapping[str, pd.DataFrame], *, reference: str) -> Figure:
+    """The absolute gap to a limit against the sample size N (log-log), with 2-standard-error
+    bars.
+
+    Each table of `gaps` (one per legend label) needs the columns ``N``, ``gap`` and
+    ``stderr``; a dashed ``∝ 1/N`` line through the first point of `reference` shows the
+    predicted rate.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    for label, table in gaps.items():
+        ax.errorbar(
+            table["N"],
+            table["gap"].abs(),
+            yerr=2 * table["stderr"],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    first = gaps[reference]
+    ns = first["N"].to_numpy()
+    ax.plot(ns, abs(first["gap"].iloc[0]) * ns[0] / ns, ls="--", color="grey", label="∝ 1/N")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="negatives N",
+        ylabel="|E[ℓ_N] − log N − limit|",
+        title="Theorem 1: gap to the limit",
+    )
+    ax.legend()
+    return fig
+
+
+def descent_plot(descent: pd.DataFrame) -> Figure:
+    """Loss (left, log scale) and geometry (right) along gradient descent on the explicit
+    loss: mean similarity, scaled top singular value and top component share per step."""
+    fig, (ax_loss, ax_geo) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    ax_loss.plot(descent["step"], descent["loss"])
+    ax_loss.set(xlabel="step", ylabel="explicit loss", yscale="log", title="loss")
+    for column, label, style in (
+        ("mean_similarity", "Sum(W) / n²", "-"),
+        ("top_singular_value", "σ_max(W) / n", "--"),
+        ("top_share", "top component share", ":"),
+    ):
+        ax_geo.plot(descent["step"], descent[column], ls=style, lw=2, label=label)
+    ax_geo.set(xlabel="step", ylabel="value", title="geometry")
+    ax_geo.legend()
     return fig
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from pandas.io.formats.style import Styler
 
-__all__ = ["styled_table"]
+__all__ = ["kgc_summary_table", "query_entity_table", "styled_table"]
 
 PAPER = "paper"
 """Value of the ``source`` column (or index level) that marks a row copied from the paper."""
@@ -85,6 +85,13 @@ def styled_table(
             f"styled_table: `formats` names columns {unknown} that the table does not have; "
             f"its columns are {list(df.columns)}"
         )
+    if not df.index.is_unique:
+        if not hide_index:
+            raise ValueError(
+                "styled_table: the table's row labels repeat (e.g. after pd.concat); pass "
+                "hide_index=True or give it unique labels (df.reset_index(drop=True))"
+            )
+        df = df.reset_index(drop=True)  # hidden labels: renumbered so cells can be styled
     summarised = len(df) > max_rows
     if summarised and csv is None:
         raise ValueError(
@@ -173,3 +180,55 @@ def _download_link(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     name = html.escape(path.name, quote=True)
     return f'<a download="{name}" href="data:text/csv;base64,{data}">{name}</a>'
+
+
+FILTERED = ", query entity filtered"
+"""Suffix of the metrics ranked with the query's own entity filtered too
+(:func:`kalm.evaluate.protocol.query_entity_effect`)."""
+
+
+def query_entity_table(effects: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """The query-entity diagnostic as a narrow table: one row per model and ranking.
+
+    ``effects`` maps a model label to its ``query_entity_effect`` row, whose metrics come
+    twice (all candidates, and with the query entity filtered, suffix :data:`FILTERED`).
+    Side by side that made nine columns; stacked, the two rankings of a model sit one above
+    the other with the metrics as the only columns. The share of queries that the query
+    entity wins is left out: it is one number per model, for the prose.
+    """
+    rows = []
+    for model, effect in effects.items():
+        metrics = [k for k in effect if not k.endswith(FILTERED) and f"{k}{FILTERED}" in effect]
+        if not metrics:
+            raise ValueError(
+                f"query_entity_table: the row of {model!r} has no metric with its "
+                f"'{FILTERED}' counterpart; keys are {list(effect)}"
+            )
+        rows.append({"model": model, "ranking": "all entities", **{k: effect[k] for k in metrics}})
+        rows.append(
+            {
+                "model": model,
+                "ranking": "query entity filtered",
+                **{k: effect[f"{k}{FILTERED}"] for k in metrics},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def kgc_summary_table(
+    summary: Mapping[str, Mapping[str, float]], *, caption: str | None = None
+) -> Styler:
+    """A KGC evaluation's metrics per direction (``KGCResult.summary``: tail, head, both) as a
+    book table, with readable headers and whole-number MR and query counts."""
+    df = pd.DataFrame(summary).T.rename_axis("direction")
+    df = df.rename(
+        columns={
+            "MRR_optimistic": "MRR (optimistic)",
+            "MRR_pessimistic": "MRR (pessimistic)",
+            "count": "queries",
+        }
+    )
+    if "queries" in df:
+        df["queries"] = df["queries"].astype(int)
+    formats = {"MR": "{:,.0f}"} if "MR" in df else None
+    return styled_table(df, formats=formats, caption=caption)

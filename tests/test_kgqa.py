@@ -175,6 +175,87 @@ def test_summarise_counts_and_intervals() -> None:
     assert (table["lenient"] <= table["lenient_hi"]).all()
 
 
+# ---------------------------------------------------------------- reading the answers
+
+
+def _answers(rows: list[tuple[str, str, str]]):
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["task", "gold", "answer"])
+
+
+def test_majority_baseline_and_first_words() -> None:
+    df = _answers(
+        [
+            ("classification", kgqa.YES, "No."),
+            ("classification", kgqa.NO, "no, this is not true"),
+            ("classification", kgqa.NO, "Yes"),
+            ("tail", "dog", ""),
+        ]
+    )
+    assert kgqa.majority_baseline(df) == pytest.approx(2 / 3)
+    shares = kgqa.first_word_shares(df)
+    assert shares.to_dict() == pytest.approx({"no": 2 / 3, "yes": 1 / 3})
+    with pytest.raises(ValueError, match="relation"):
+        kgqa.majority_baseline(df, "relation")
+
+
+@pytest.mark.parametrize(
+    ("answer", "repeated"),
+    [
+        ("white goods", False),
+        ("the the the", True),
+        ("Dog, dog.", True),
+        ("", False),
+        ("member meronym", False),
+        ("fern fern-ally", True),
+    ],
+)
+def test_has_repeated_word(answer: str, repeated: bool) -> None:
+    assert kgqa.has_repeated_word(answer) is repeated
+
+
+def test_repetition_share_leaves_classification_out() -> None:
+    df = _answers(
+        [
+            ("tail", "dog", "dog dog dog"),
+            ("head", "cat", "cat"),
+            ("relation", "hypernym", "a a"),
+            ("tail", "x", "y"),
+            ("classification", kgqa.YES, "yes yes"),
+        ]
+    )
+    assert kgqa.repetition_share(df) == pytest.approx(0.5)
+    assert kgqa.repetition_share(df, tasks=("classification",)) == 1.0
+    with pytest.raises(ValueError, match="no answers"):
+        kgqa.repetition_share(df.iloc[:0])
+
+
+def test_accuracy_table_and_paper_comparison() -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(
+        {
+            "task": ["tail"] * 4 + ["classification"] * 2,
+            "exact": [True, False, False, False, True, False],
+            "lenient": [True, True, False, False, True, False],
+        }
+    )
+    summary = kgqa.summarise(df)
+    table = kgqa.accuracy_table({"ours": summary})
+    assert list(table["task"]) == ["tail prediction", "triple classification"]
+    assert table.loc[0, "lenient (%)"] == pytest.approx(50.0)
+    lo, hi = (float(v) for v in table.loc[0, "95% interval (%)"].split("–"))
+    assert lo < 50.0 < hi
+    comparison = kgqa.paper_comparison({"ours": summary})
+    assert list(comparison["source"]) == ["paper", "paper", "this run"]
+    assert comparison.loc[1, "tail prediction"] == pytest.approx(28.9)
+    assert comparison.loc[2, "tail prediction"] == pytest.approx(50.0)
+    assert pd.isna(comparison.loc[2, "head prediction"])
+    with pytest.raises(ValueError, match="no paper results"):
+        kgqa.paper_comparison({"ours": summary}, paper_model="GPT-9")
+
+
 # ---------------------------------------------------------------- generation
 
 

@@ -84,3 +84,27 @@ def test_large_text_scales_fonts() -> None:
     with plots.large_text():
         assert plt.rcParams["axes.labelsize"] == pytest.approx(normal * plots.LARGE_TEXT_SCALE)
     assert plt.rcParams["axes.labelsize"] == normal
+
+
+def test_smoothed_is_the_rolling_mean_that_loss_curves_draws() -> None:
+    values = pd.Series([4.0, 2.0, 0.0, 2.0])
+    assert list(plots.smoothed(values, 2)) == [4.0, 3.0, 1.0, 1.0]
+    log = pd.DataFrame({"step": range(4), "L_imp": values})
+    fig = plots.loss_curves(log, {"L_imp": "implicit"}, window=2)
+    drawn = fig.axes[0].get_lines()[1].get_ydata()
+    assert list(drawn) == list(plots.smoothed(values, 2))
+
+
+def test_rank_histogram_and_metric_bars_label_axes_and_put_legend_outside() -> None:
+    ranks = pd.DataFrame({"rank": [1, 5, 50, 2, 3, 900], "model": ["a"] * 3 + ["b"] * 3})
+    ax = plots.rank_histogram(ranks, 1000).axes[0]
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "share of queries"
+    table = pd.DataFrame(
+        {"MRR": [0.1, 0.2], "Hits@1": [0.0, 0.1]}, index=pd.Index(["off", "on"], name="arm")
+    )
+    ax = plots.metric_bars(table, ["MRR", "Hits@1"], ylabel="validation").axes[0]
+    legend = ax.get_legend()
+    assert legend is not None and legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1
+    assert [t.get_text() for t in legend.get_texts()] == ["off", "on"]
+    with pytest.raises(ValueError, match="lacks"):
+        plots.metric_bars(table, ["MR"], ylabel="x")

@@ -88,3 +88,43 @@ def test_bad_input_is_named() -> None:
         styled_table(table1(), formats={"Hits@1": "{:.3f}"})
     with pytest.raises(ValueError, match="keep"):
         styled_table(table1(), max_rows=5, keep=3)
+
+
+def test_query_entity_table_stacks_the_two_rankings() -> None:
+    from kalm.tables import query_entity_table
+
+    effect = {
+        "query entity outranks gold": 0.9,
+        "MRR": 0.1,
+        "Hits@1": 0.0,
+        "MRR, query entity filtered": 0.4,
+        "Hits@1, query entity filtered": 0.3,
+    }
+    table = query_entity_table({"untuned": effect, "KaLM": effect})
+    assert list(table.columns) == ["model", "ranking", "MRR", "Hits@1"]
+    assert list(table["ranking"]) == ["all entities", "query entity filtered"] * 2
+    assert table.loc[1, "MRR"] == 0.4
+    with pytest.raises(ValueError, match="counterpart"):
+        query_entity_table({"x": {"MRR": 0.1}})
+
+
+def test_kgc_summary_table_names_directions_and_counts() -> None:
+    from kalm.tables import kgc_summary_table
+
+    summary = {
+        d: {"MR": 1234.5, "MRR": 0.1, "MRR_optimistic": 0.1, "MRR_pessimistic": 0.1, "count": 4.0}
+        for d in ("tail", "head", "both")
+    }
+    styler = kgc_summary_table(summary)
+    assert list(styler.data.index) == ["tail", "head", "both"]
+    assert "queries" in styler.data and styler.data["queries"].dtype.kind == "i"
+    html = styler.to_html()
+    assert "1,234" in html or "1,235" in html
+    assert "MRR (optimistic)" in html
+
+
+def test_repeated_row_labels_are_renumbered_when_hidden() -> None:
+    df = pd.DataFrame({"a": [1, 2, 3]}, index=[0, 0, 1])
+    assert "<td" in styled_table(df, hide_index=True).to_html()
+    with pytest.raises(ValueError, match="repeat"):
+        styled_table(df)

@@ -29,7 +29,7 @@ import functools
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,13 +53,19 @@ __all__ = [
     "TASKS",
     "TASK_LABELS",
     "Question",
+    "accuracy_table",
     "accuracy_with_ci",
     "build_questions",
     "case_studies",
     "find_triple",
+    "first_word_shares",
     "generate",
+    "has_repeated_word",
+    "majority_baseline",
     "normalise",
+    "paper_comparison",
     "paper_results",
+    "repetition_share",
     "run_kgqa",
     "score",
     "summarise",
@@ -435,3 +441,96 @@ def case_studies(
 def paper_results() -> pd.DataFrame:
     """The paper's Figure 6 accuracies (%, WN18RR): columns task, model, kalm, accuracy."""
     return read_resource("paper_kgqa.csv")
+
+
+# ---------------------------------------------------------------- reading the answers
+
+
+def majority_baseline(df: pd.DataFrame, task: str = "classification") -> float:
+    """Accuracy of always giving the most common gold answer of ``task`` (a share in [0, 1]).
+
+    Why: on a balanced yes/no task a model that always says "No" scores 50 %, the same as
+    chance; an accuracy is only evidence of knowledge once it beats this constant answer.
+    """
+    gold = df.loc[df["task"] == task, "gold"].map(normalise)
+    if gold.empty:
+        raise ValueError(f"majority_baseline: no questions of task {task!r} in the answers")
+    return float(gold.value_counts(normalize=True).iloc[0])
+
+
+def first_word_shares(df: pd.DataFrame, task: str = "classification") -> pd.Series:
+    """Share of the answers of ``task`` by their first normalised word (e.g. "yes", "no"),
+    largest first; an empty answer counts as ``""``."""
+    answers = df.loc[df["task"] == task, "answer"].map(normalise)
+    if answers.empty:
+        raise ValueError(f"first_word_shares: no questions of task {task!r} in the answers")
+    first = answers.str.split(" ", n=1).str[0].rename("first word")
+    return first.value_counts(normalize=True).rename("share")
+
+
+def has_repeated_word(answer: str) -> bool:
+    """Whether a normalised word occurs at least twice in ``answer``.
+
+    A short entity or relation name rarely repeats a word, while a degenerate generation
+    (a loop such as "the the the" or "dog, dog, dog") always does: the repetition is a cheap,
+    checkable sign of degeneration. Names that legitimately repeat a word are rare and make
+    the statistic an upper bound.
+    """
+    words = normalise(answer).split()
+    return len(words) != len(set(words))
+
+
+def repetition_share(
+    df: pd.DataFrame, tasks: Sequence[str] = ("head", "tail", "relation")
+) -> float:
+    """Share of the generated answers of ``tasks`` that repeat a word (see
+    :func:`has_repeated_word`); classification answers, a fixed yes/no sentence, are left out
+    by default."""
+    answers = df.loc[df["task"].isin(tasks), "answer"]
+    if answers.empty:
+        raise ValueError(f"repetition_share: no answers of the tasks {list(tasks)}")
+    return float(answers.map(has_repeated_word).mean())
+
+
+def accuracy_table(summaries: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The :func:`summarise` tables of several models as one readable table, accuracies in %.
+
+    One row per model and task: questions, exact and lenient accuracy and the lenient
+    accuracy's Wilson 95 % interval as one "low–high" column.
+    """
+    rows = [
+        {
+            "model": name,
+            "task": TASK_LABELS[task],
+            "questions": int(s.loc[task, "n"]),
+            "exact (%)": 100 * s.loc[task, "exact"],
+            "lenient (%)": 100 * s.loc[task, "lenient"],
+            "95% interval (%)": f"{100 * s.loc[task, 'lenient_lo']:.1f}–"
+            f"{100 * s.loc[task, 'lenient_hi']:.1f}",
+        }
+        for name, s in summaries.items()
+        for task in s.index
+    ]
+    return pd.DataFrame(rows)
+
+
+def paper_comparison(
+    measured: Mapping[str, pd.DataFrame], *, paper_model: str = "Llama-2-7B"
+) -> pd.DataFrame:
+    """Lenient accuracy (%) per task: the paper's ``paper_model`` untuned and with KaLM, then
+    each measured model (a :func:`summarise` table per row label); a ``source`` column marks
+    the paper's rows ("paper") and this run's ("this run")."""
+    paper = paper_results()
+    paper = paper[paper["model"] == paper_model]
+    if paper.empty:
+        models = sorted(paper_results()["model"].unique())
+        raise ValueError(f"paper_comparison: no paper results for {paper_model!r}; have {models}")
+    rows = []
+    for kalm, suffix in ((False, ""), (True, " + KaLM")):
+        accuracy = paper[paper["kalm"] == kalm].set_index("task")["accuracy"]
+        rows.append({"source": "paper", "model": f"{paper_model}{suffix}", **accuracy.to_dict()})
+    for name, s in measured.items():
+        rows.append({"source": "this run", "model": name, **(100 * s["lenient"]).to_dict()})
+    table = pd.DataFrame(rows)
+    tasks = [t for t in TASKS if t in table.columns]
+    return table[["source", "model", *tasks]].rename(columns=TASK_LABELS)
