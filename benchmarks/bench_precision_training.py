@@ -1,11 +1,12 @@
 """Does bf16 mixed precision change what KaLM learns? The same ``cpu``-profile run twice.
 
 Both arms train the same steps from the same seed on the same batches, one with fp32 weights and
-one with ``train.precision: bf16`` (frozen base in bf16, LoRA and optimiser in fp32), and are
-then evaluated in their own precision on validation queries against every entity (filtered with
-train ∪ valid answers only). The report is the largest loss difference along the two curves and
-the two validation MRRs; the ``cpu`` profile may switch to bf16 only if the bf16 MRR is within
-5% (relative) of fp32.
+one with ``train.precision: bf16`` (frozen base in bf16, LoRA and optimiser in fp32). Both
+adapters are then evaluated by the same bf16 encoder, on validation queries against every entity
+(filtered with train ∪ valid answers only), so the comparison isolates the training precision;
+what the encoding precision alone does to ranks is the ``precision`` benchmark's subject.
+The report is the largest loss difference along the two curves and the two validation MRRs;
+the ``cpu`` profile may switch to bf16 only if the bf16 MRR is within 5% (relative) of fp32.
 
 Each arm runs in a process of its own (accelerate keeps one mixed precision per process), and
 through the run store, so a second run of this benchmark only re-reads the results.
@@ -26,12 +27,14 @@ TOLERANCE = 0.05
 def arm(precision: str, steps: int, queries: int, candidates: int) -> dict[str, Any]:
     """Train (or load) one arm and evaluate it on the validation split; its log and metrics."""
     import torch
+    from peft import PeftModel
 
     from kalm.config import resolve
     from kalm.data import load_kg
     from kalm.encoder import Encoder
     from kalm.evaluate.protocol import evaluate_kgc
     from kalm.experiment import train_or_load
+    from kalm.models import load_model
     from kalm.views import ViewBuilder
 
     torch.set_num_threads(2)
@@ -42,7 +45,9 @@ def arm(precision: str, steps: int, queries: int, candidates: int) -> dict[str, 
         valid_queries=queries,
         candidates=candidates,
     )
-    model, tokenizer, run = train_or_load(cfg)
+    _, tokenizer, run = train_or_load(cfg)
+    base, _ = load_model(cfg.model, precision="bf16")
+    model = PeftModel.from_pretrained(base, run.adapter_dir).eval()
     views = ViewBuilder.from_config(load_kg(cfg.dataset), tokenizer, cfg)
     result = evaluate_kgc(Encoder.from_config(model, views, cfg), cfg, run, split="valid")
     log = run.train_log()
