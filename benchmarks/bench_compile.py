@@ -26,7 +26,7 @@ from kalm.views import pad_batch
 def measure(batch_size: int, repeats: int) -> dict[str, Any]:
     """Eager and compiled seconds per batch, compile time of the first and of a second width."""
     torch.set_num_threads(THREADS)
-    w = Workload(peak_gflops=float("nan"))
+    w = Workload(peaks={})
     ids = sorted(w.views.tail_ids(sample_entities(w.kg.num_entities, 4 * batch_size)), key=len)
     middle = ids[len(ids) // 2 - batch_size // 2 :][:batch_size]
     other = ids[:batch_size]  # the shortest rows: a different width, as the next batch would be
@@ -34,7 +34,7 @@ def measure(batch_size: int, repeats: int) -> dict[str, Any]:
     first, second = pad_batch(middle, pad), pad_batch(other, pad)
     x, mask = first.input_ids, first.attention_mask
     x2, mask2 = second.input_ids, second.attention_mask
-    decoder = decoder_of(w.model)
+    decoder = decoder_of(w.model("fp32"))
     with torch.inference_mode():
         eager = best_time(lambda: decoder(input_ids=x, attention_mask=mask), repeats=repeats)
         compiled = torch.compile(decoder)
@@ -54,8 +54,8 @@ def measure(batch_size: int, repeats: int) -> dict[str, Any]:
         "speedup": round(eager / fast, 3),
         "compile_seconds_first_shape": round(compile_first, 1),
         "compile_seconds_second_shape": round(compile_second, 1),
-        "eager_gflops": round(forward_flops(w.model.config, real) / eager / 1e9, 1),
-        "compiled_gflops": round(forward_flops(w.model.config, real) / fast / 1e9, 1),
+        "eager_gflops": round(forward_flops(w.model("fp32").config, real) / eager / 1e9, 1),
+        "compiled_gflops": round(forward_flops(w.model("fp32").config, real) / fast / 1e9, 1),
     }
 
 

@@ -1,8 +1,8 @@
 """Full filtered KGC evaluation of WN18RR (all entities, every test triple both ways).
 
 By default an *estimate*: each stage of ``kalm.evaluate.protocol.evaluate_kgc`` is timed on a
-sample and scaled to the full sizes. ``--full-eval`` runs the real thing once. Both precisions of
-``eval.encode_dtype`` are reported: fp32 (the book's setting) and bf16 autocast.
+sample and scaled to the full sizes. ``--full-eval`` runs the real thing once, in bf16. Both
+precisions of ``train.precision`` are reported: the model's weights in fp32, and in bf16.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_common import Workload
+from bench_common import PRECISIONS, Workload
 from bench_encoding import sample_entities, time_encode
 
 from kalm.encoder import Encoder
@@ -39,12 +39,13 @@ def _queries(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def run(w: Workload, quick: bool, full_eval: bool) -> dict[str, Any]:
     """fp32 and bf16 evaluation times: estimated, or (``full_eval``) measured for bf16."""
     return {
-        "float32": estimate(w, quick, torch.float32),
-        "bfloat16": full(w, "bfloat16") if full_eval else estimate(w, quick, torch.bfloat16),
+        "precisions": list(PRECISIONS),
+        "fp32": estimate(w, quick, "fp32"),
+        "bf16": full(w, "bf16") if full_eval else estimate(w, quick, "bf16"),
     }
 
 
-def estimate(w: Workload, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
+def estimate(w: Workload, quick: bool, precision: str) -> dict[str, Any]:
     """Seconds of each stage at full size, from rates measured on samples."""
     n = 128 if quick else 1024
     ev = w.cfg.eval
@@ -57,14 +58,15 @@ def estimate(w: Workload, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
 
     entity_ids = views.tail_ids(range(w.kg.num_entities))
     sample = [entity_ids[e] for e in sample_entities(w.kg.num_entities, n)]
-    entity_rate = n / time_encode(w, sample, ev.entity_batch_size, 1, dtype)
+    entity_rate = n / time_encode(w, sample, ev.entity_batch_size, 1, precision)
     e, r, gold = _queries(w)
     query_ids = views.hr_ids(e.tolist(), r.tolist())
     pick = np.random.default_rng(0).choice(len(query_ids), size=n, replace=False)
-    query_rate = n / time_encode(w, [query_ids[i] for i in pick], ev.query_batch_size, 1, dtype)
+    query_rate = n / time_encode(w, [query_ids[i] for i in pick], ev.query_batch_size, 1, precision)
 
     # Ranking cost does not depend on the embeddings' values: random unit vectors, real masks.
-    dim = w.model.config.hidden_size
+    config = w.model(precision).config
+    dim = config.hidden_size
     entities = torch.nn.functional.normalize(torch.randn(w.kg.num_entities, dim), dim=-1)
     queries = torch.nn.functional.normalize(torch.randn(n, dim), dim=-1)
     part = pick
@@ -88,15 +90,15 @@ def estimate(w: Workload, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
     }
     total = sum(stages.values())
     tokens = sum(map(len, entity_ids)) + sum(map(len, query_ids))
-    bound = forward_flops(w.model.config, tokens) / (w.peak_gflops * 1e9)
+    bound = forward_flops(config, tokens) / (w.peaks[precision] * 1e9)
     print(
-        f"  estimated full evaluation, {dtype}: {total / 60:.1f} min "
+        f"  estimated full evaluation, {precision}: {total / 60:.1f} min "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}); "
-        f"at 100% MFU the encoding alone takes {bound / 60:.1f} min"
+        f"at 100% of the {precision} peak the encoding alone takes {bound / 60:.1f} min"
     )
     return {
         "kind": "estimate",
-        "encode_dtype": str(dtype).removeprefix("torch."),
+        "precision": precision,
         "entities": w.kg.num_entities,
         "queries": num_q,
         "entities_per_s": round(entity_rate, 1),
@@ -109,24 +111,27 @@ def estimate(w: Workload, quick: bool, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def evaluate(w: Workload, progress: bool, **eval_overrides: Any) -> tuple[KGCResult, float]:
-    """``evaluate_kgc`` of the workload's model with ``cfg.eval`` fields overridden, in a fresh
-    run directory (no cached index), and its wall time."""
+def evaluate(
+    w: Workload, precision: str, progress: bool, **eval_overrides: Any
+) -> tuple[KGCResult, float]:
+    """``evaluate_kgc`` of the workload's model in ``precision`` with ``cfg.eval`` fields
+    overridden, in a fresh run directory (no cached index), and its wall time."""
     cfg = replace(w.cfg, eval=replace(w.cfg.eval, **eval_overrides))
     run = Run(Path(tempfile.mkdtemp(prefix="kalm-bench-eval-")))
     started = time.perf_counter()
-    encoder = Encoder.from_config(w.model, ViewBuilder.from_config(w.kg, w.tokenizer, cfg), cfg)
+    views = ViewBuilder.from_config(w.kg, w.tokenizer, cfg)
+    encoder = Encoder.from_config(w.model(precision), views, cfg)
     result = evaluate_kgc(encoder, cfg, run, progress=progress)
     return result, time.perf_counter() - started
 
 
-def full(w: Workload, encode_dtype: str) -> dict[str, Any]:
+def full(w: Workload, precision: str) -> dict[str, Any]:
     """Run ``evaluate_kgc`` on every test triple against every entity, without caches."""
-    result, seconds = evaluate(w, True, test_queries=0, candidates=0, encode_dtype=encode_dtype)
-    print(f"  full evaluation, {encode_dtype}: {seconds / 60:.1f} min")
+    result, seconds = evaluate(w, precision, True, test_queries=0, candidates=0)
+    print(f"  full evaluation, {precision}: {seconds / 60:.1f} min")
     return {
         "kind": "measured",
-        "encode_dtype": encode_dtype,
+        "precision": precision,
         "entities": result.num_candidates,
         "queries": 2 * len(result.triples),
         "minutes": round(seconds / 60, 2),

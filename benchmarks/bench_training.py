@@ -1,4 +1,5 @@
-"""A full KaLM training step in the ``cpu`` profile, and its work compared with the recipe.
+"""A full KaLM training step in the ``cpu`` profile in fp32 and in bf16 (``train.precision``), and
+its work compared with the recipe.
 
 FLOPs follow :mod:`kalm.flops`: every pass costs ``2 P`` per real token forward; passes with
 gradient (hr view, tail view, LM prompt) cost the same again for input gradients through the
@@ -9,17 +10,22 @@ with gradient).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench_common import Workload, peak_rss_mb
+from bench_common import (
+    PRECISIONS,
+    SPEEDUP_TARGET,
+    TRAINING_MFU_TARGET,
+    Workload,
+    high_water_mb,
+    reset_high_water,
+)
+from bench_profile import top_ops
 
 from kalm.config import resolve
 from kalm.flops import PassTokens, StepFlops, kalm_step_flops, recipe_step_flops
-from kalm.models import load_model
-from kalm.runs import Run
 from kalm.train import Trainer
 from kalm.views import Batch, KaLMBatch, iterate_batches
 
@@ -48,16 +54,6 @@ def pass_tokens(batch: KaLMBatch) -> tuple[PassTokens, PassTokens, int]:
     return ours, replace(ours, lm=sum(prefix + r for r in rows)), padded
 
 
-def trainer_for(w: Workload, batch_size: int) -> Trainer:
-    """The workload's trainer, or one whose config has ``batch_size`` (so that the share of
-    examples with the LM loss, ``lm_fraction * batch_size``, stays the profile's)."""
-    if batch_size == w.cfg.train.batch_size:
-        return w.trainer
-    cfg = resolve(profile="cpu", batch_size=batch_size)
-    model, tokenizer = load_model(cfg.model)
-    return Trainer(model, tokenizer, w.kg, cfg, Run(Path(tempfile.mkdtemp(prefix="kalm-bench-"))))
-
-
 def _step_flops(trainer: Trainer, tokens: PassTokens, recipe: bool = False) -> StepFlops:
     tcfg = trainer.tcfg
     count = recipe_step_flops if recipe else kalm_step_flops
@@ -72,21 +68,13 @@ def _available_gb() -> float:
     return float("inf")
 
 
-def run(w: Workload, quick: bool) -> dict[str, Any]:
-    """Triples/s and MFU over a few steps (after one warm-up step).
-
-    The profile's batch of 64 holds ~12 GB of activations; on a machine with less memory free
-    the step runs at batch 16 instead (MFU per triple barely depends on it) and says so.
-    """
-    steps = 1 if quick else 5
-    batch_size = w.cfg.train.batch_size
-    available = _available_gb()
-    if quick or available < MEMORY_GB:
-        batch_size = 16
-    trainer = trainer_for(w, batch_size)
+def measure(w: Workload, precision: str, batch_size: int, steps: int) -> dict[str, Any]:
+    """Seconds, MFU (against both peaks) and memory of ``steps`` steps in ``precision`` after one
+    warm-up step; the batches are the profile's first ones, the same in every precision."""
+    trainer = w.trainer(precision, batch_size)
     trainer.module.train()
     batches = iterate_batches(trainer.lengths, batch_size, trainer.cfg.seed)
-    rss_before = peak_rss_mb()
+    reset_high_water()
     trainer.step(trainer.collate(next(batches)[1]))
     rows = []
     for _ in range(steps):
@@ -101,13 +89,13 @@ def run(w: Workload, quick: bool) -> dict[str, Any]:
                 "tokens": vars(tokens),
                 "padded_tokens": padded,
                 "flops": {"body": flops.body, "lm_head": flops.lm_head, "lora": flops.lora},
-                "mfu": round(w.mfu(flops.total, seconds["total"]), 4),
+                "mfu": w.mfu(flops.total, seconds["total"]),
             }
         )
         print(
-            f"  step: {seconds['total']:.2f} s (fwd {seconds['forward']:.2f}, "
-            f"bwd {seconds['backward']:.2f}, opt {seconds['optimizer']:.2f}), "
-            f"MFU {rows[-1]['mfu']:.1%}"
+            f"  {precision} step: {seconds['total']:.2f} s (fwd {seconds['forward']:.2f}, "
+            f"bwd {seconds['backward']:.2f}, opt {seconds['optimizer']:.2f}), MFU "
+            f"{rows[-1]['mfu']['fp32']:.1%} of fp32 peak, {rows[-1]['mfu']['bf16']:.1%} of bf16"
         )
     seconds = sum(r["seconds"]["total"] for r in rows)
     triples = sum(r["triples"] for r in rows)
@@ -116,24 +104,53 @@ def run(w: Workload, quick: bool) -> dict[str, Any]:
     real = sum(sum(r["tokens"][k] for k in ("hr", "tail", "self_negative", "lm")) for r in rows)
     padded = sum(r["padded_tokens"] for r in rows)
     return {
-        "batch_size": batch_size,
-        "profile_batch_size": w.cfg.train.batch_size,
-        "lm_examples_per_batch": trainer.tcfg.lm_examples,
-        "memory_available_gb_before": round(available, 1),
-        "peak_rss_mb_before": round(rss_before, 1),
-        "peak_rss_mb_after": round(peak_rss_mb(), 1),
         "steps": rows,
         "triples_per_s": round(triples / seconds, 2),
-        "mfu": round(w.mfu(flops_all, seconds), 4),
-        "mfu_without_lora": round(w.mfu(flops_no_lora, seconds), 4),
+        "mfu": w.mfu(flops_all, seconds),
+        "mfu_without_lora": w.mfu(flops_no_lora, seconds),
         "padding_fraction": round((padded - real) / padded, 4),
+        "peak_rss_mb": round(high_water_mb(), 1),
+    }
+
+
+def run(w: Workload, quick: bool) -> dict[str, Any]:
+    """Triples/s and MFU of the same steps in fp32 and in bf16, and their ratio.
+
+    The profile's batch of 64 holds ~9-12 GB of activations; on a machine with less memory free
+    the step runs at batch 16 instead (MFU per triple barely depends on it) and says so. When the
+    bf16 step misses its speed-up or MFU target, the result keeps its profile by operator.
+    """
+    steps = 1 if quick else 5
+    batch_size = w.cfg.train.batch_size
+    available = _available_gb()
+    if quick or available < MEMORY_GB:
+        batch_size = 16
+    arms = {p: measure(w, p, batch_size, steps) for p in PRECISIONS}
+    speedup = arms["bf16"]["triples_per_s"] / arms["fp32"]["triples_per_s"]
+    print(f"  bf16 / fp32: {speedup:.2f}x triples/s")
+    result = {
+        "batch_size": batch_size,
+        "profile_batch_size": w.cfg.train.batch_size,
+        "lm_examples_per_batch": w.trainer("bf16", batch_size).tcfg.lm_examples,
+        "memory_available_gb_before": round(available, 1),
+        "precisions": list(PRECISIONS),
+        **arms,
+        "bf16_speedup": round(speedup, 3),
         "flops_formula": (__doc__ or "").split("\n\n")[1].replace("\n", " "),
     }
+    if speedup < SPEEDUP_TARGET or arms["bf16"]["mfu"]["bf16"] < TRAINING_MFU_TARGET:
+        trainer = w.trainer("bf16", batch_size)
+        batch = trainer.collate(
+            next(iterate_batches(trainer.lengths, batch_size, trainer.cfg.seed))[1]
+        )
+        print(f"  one bf16 step of {len(batch)} triples, by operator:")
+        result["bf16_step_profile"] = top_ops(lambda: trainer.step(batch))
+    return result
 
 
 def recipe(w: Workload, quick: bool) -> dict[str, Any]:
     """FLOPs per triple of this library's step vs the released recipe's, on the same batches."""
-    trainer = w.trainer
+    trainer = w.trainer("bf16")  # FLOPs do not depend on the precision
     count = 5 if quick else 50
     batches = iterate_batches(trainer.lengths, trainer.tcfg.batch_size, trainer.cfg.seed)
     paper = resolve(profile="paper").train
