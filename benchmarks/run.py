@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from bench_common import RESULTS, THREADS, Workload, measure_load, save, wait_until_quiet
 
+from kalm.durable import atomic_write_text
+
 BENCHMARKS = ("peak", "encoding", "precision", "compile", "training", "recipe", "evaluation")
 QUIET_LOAD = 1.0
 
@@ -173,7 +175,9 @@ def summarise_stored(quick: bool) -> None:
         {"peak_gflops": peak["peak_gflops"], "targets": rows, "loads": loads},
         load,
     )
-    (RESULTS / f"summary{'.quick' if quick else ''}.md").write_text(markdown(rows, stored, peak))
+    atomic_write_text(
+        RESULTS / f"summary{'.quick' if quick else ''}.md", markdown(rows, stored, peak)
+    )
 
 
 def profile_misses(w: Workload, results: dict[str, dict[str, Any]], quick: bool) -> dict:
