@@ -124,8 +124,8 @@ def _converted_dir(spec: ModelSpec) -> Path:
     return target
 
 
-def _convert(gguf: Path, target: Path, source: dict[str, str]) -> None:
-    """De-quantise ``gguf`` into ``target`` (safetensors + tokenizer + manifest), atomically."""
+def _dequantise(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a GGUF file as ordinary fp32 transformers objects (~20 s)."""
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -134,6 +134,12 @@ def _convert(gguf: Path, target: Path, source: dict[str, str]) -> None:
     model.config.quantization_config = None
     model.hf_quantizer = None
     model.is_quantized = False
+    return model, tokenizer
+
+
+def _convert(gguf: Path, target: Path, source: dict[str, str]) -> None:
+    """De-quantise ``gguf`` into ``target`` (safetensors + tokenizer + manifest), atomically."""
+    model, tokenizer = _dequantise(gguf)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -97,7 +97,11 @@ def test_cached_computes_once_and_writes_atomically(tmp_path: Path) -> None:
     run.cached("entities-y", compute)
     assert len(calls) == 2
     assert sorted(p.name for p in cache.iterdir()) == [
-        ".lock", "entities-x.json", "entities-x.pt", "entities-y.json", "entities-y.pt"
+        ".lock",
+        "entities-x.json",
+        "entities-x.pt",
+        "entities-y.json",
+        "entities-y.pt",
     ]
 
 
