@@ -55,7 +55,7 @@ def test_a_run_is_finished_only_when_its_record_verifies(tmp_path: Path) -> None
     assert sorted(record["files"]) == ["adapter/adapter_model.safetensors"]
     assert not run.checkpoint_path.exists()
     (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"weightz")
-    with pytest.raises(RunStoreError, match="adapter_model.safetensors differs") as err:
+    with pytest.raises(RunStoreError, match=r"adapter_model\.safetensors differs") as err:
         run.completion()
     assert "retrain=True" in str(err.value) and "--retrain" in str(err.value)
 

@@ -229,7 +229,7 @@ def test_a_non_finite_adapter_is_never_checkpointed(store: Path) -> None:
         next(p for n, p in trainer.peft_model.named_parameters() if "lora_B" in n).fill_(
             float("inf")
         )
-    with pytest.raises(TrainingDiverged, match="adapter tensors .* hold NaN or inf"):
+    with pytest.raises(TrainingDiverged, match=r"adapter tensors .* hold NaN or inf"):
         trainer.save_checkpoint()
     assert run.checkpoint_path.read_bytes() == before
 
