@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kalm.config import REPO_ROOT, resolve
-from kalm.durable import RunStoreError
+from kalm.durable import RunStoreError, StoreWarning
 from kalm.runs import Run, runs_dir
 
 
@@ -151,3 +151,53 @@ def test_cached_timed_keeps_the_first_measurement(tmp_path: Path) -> None:
     torch.testing.assert_close(again, value)
     assert same == seconds >= 0
     assert json.loads((tmp_path / "cache" / "x.json").read_text())["rows"] == 3
+
+
+def _entry(run: Run, name: str) -> Path:
+    return run.path / "cache" / f"{name}.pt"
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda p: torch.save({"not": "a tensor"}, p), "does not match the size and sha256"),
+        (lambda p: p.write_bytes(p.read_bytes()[:20]), "does not match the size and sha256"),
+        (lambda p: p.with_suffix(".json").write_text("{"), "has no readable seal"),
+        (lambda p: p.unlink(), "cannot be read"),
+    ],
+    ids=["replaced by a dict", "truncated", "torn seal", "deleted entry"],
+)
+def test_a_damaged_cache_entry_is_recomputed_with_a_warning(
+    tmp_path: Path, damage, problem: str
+) -> None:
+    run = Run(tmp_path)
+    run.cached("entities-x", lambda: torch.ones(2, 3))
+    damage(_entry(run, "entities-x"))
+    with pytest.warns(StoreWarning) as caught:
+        value = run.cached("entities-x", lambda: torch.zeros(2, 3))
+    [warning] = [str(w.message) for w in caught]
+    assert warning.startswith(f"{tmp_path}: file cache/entities-x.pt {problem}")
+    assert warning.endswith("Computing it again.") and "\n" not in warning
+    torch.testing.assert_close(value, torch.zeros(2, 3))
+    assert run.cached("entities-x", lambda: torch.ones(1)).shape == (2, 3)  # stored again
+    assert not list((tmp_path / "cache").glob("*.part"))
+
+
+def test_a_cache_of_another_adapter_is_recomputed(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.adapter_dir.mkdir()
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"first")
+    run.save_done({"steps": 1})
+    run.cached("entities-x", lambda: torch.ones(2))
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"other")
+    run.save_done({"steps": 1})  # the adapter was replaced
+    with pytest.warns(StoreWarning, match="derives from another model state"):
+        torch.testing.assert_close(run.cached("entities-x", lambda: torch.zeros(2)), torch.zeros(2))
+
+
+def test_unreadable_metrics_are_named(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.save_metrics("kgc-test", {"MRR": 0.5})
+    (tmp_path / "metrics" / "kgc-test.json").write_text('{"MRR": 0.')
+    with pytest.raises(RunStoreError, match=r"file metrics/kgc-test\.json is not valid JSON"):
+        run.load_metrics("kgc-test")

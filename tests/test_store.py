@@ -24,7 +24,8 @@ from kalm.durable import RunStoreError, StoreWarning
 from kalm.runs import Run
 from kalm.train import Trainer, TrainingDiverged
 
-CFG = {"profile": "smoke", "checkpoint_every": 2}
+CFG_OVERRIDES = {"checkpoint_every": 2}
+CFG = {"profile": "smoke", **CFG_OVERRIDES}
 
 
 # Every animal eats the next one and resembles the one after: 16 training examples.
@@ -276,3 +277,19 @@ def test_two_processes_of_one_configuration_train_once(store: Path) -> None:
     assert [r["step"] for r in run.train_log()] == [1, 2, 3, 4]
     assert len(run.done()["sessions"]) == 1
     assert json.loads(run.done_path.read_text())["steps"] == 4
+
+
+def test_the_retrain_parameter_retrains_each_run_once(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(experiment, "_session", {"retrain": False})
+    monkeypatch.setattr(experiment, "_retrained", set())
+    marker = run.path / "metrics" / "marker.json"
+    names = {"model": "smollm2", "dataset": "wn18rr", "profile": "smoke", "seed": 0}
+    cfg = experiment.notebook_config({**names, "retrain": True, "overrides": CFG_OVERRIDES})
+    for retrained in (True, False):
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text("{}")
+        experiment.train_or_load(cfg, progress=False)
+        assert marker.exists() is not retrained
+    assert len(run.done()["sessions"]) == 1
