@@ -10,7 +10,9 @@ Notebooks turn their parameters into a configuration with :func:`notebook_config
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -77,7 +79,11 @@ def train_or_load(
     run = Run.trained(cfg)
     if retrain is None:
         retrain = _session["retrain"] and run.path not in _retrained
-    with lock_directory(run.path, timeout=wait, purpose=f"train or load {run.path.name}"):
+    # Under `accelerate launch` the processes of one training share the run; the first one locks
+    # it for all (the others waiting for the lock would block the first one's collectives).
+    first = int(os.environ.get("RANK", "0")) == 0
+    lock = lock_directory(run.path, timeout=wait, purpose=f"train or load {run.path.name}")
+    with lock if first else contextlib.nullcontext():
         if retrain:
             run.discard()
             _retrained.add(run.path)
