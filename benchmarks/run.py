@@ -34,6 +34,8 @@ from bench_common import (
     wait_until_quiet,
 )
 
+from kalm.durable import atomic_write_text
+
 BENCHMARKS = (
     "peak",
     "encoding",
@@ -287,7 +289,9 @@ def summarise_stored(quick: bool) -> None:
         },
         load,
     )
-    (RESULTS / f"summary{'.quick' if quick else ''}.md").write_text(markdown(rows, stored, peak))
+    atomic_write_text(
+        RESULTS / f"summary{'.quick' if quick else ''}.md", markdown(rows, stored, peak)
+    )
 
 
 def main() -> None:

@@ -4,23 +4,49 @@ This is the top of the library: it loads models (:mod:`kalm.models`), trains the
 (:mod:`kalm.train`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
 :class:`~kalm.runs.Run` for caches and metrics). Evaluation and analysis never import it; the
 notebooks do. The model is passed on as the configuration's :class:`~kalm.config.ModelSpec`.
+Notebooks turn their parameters into a configuration with :func:`notebook_config`.
 """
 
 from __future__ import annotations
 
-import time
+import ast
+import contextlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
 from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.config import RunConfig
+from kalm.config import ConfigError, EvalConfig, RunConfig, TrainConfig, resolve
 from kalm.data import load_kg
+from kalm.durable import RunStoreError, lock_directory
 from kalm.models import load_model
-from kalm.runs import Run
+from kalm.runs import RETRAIN, Run
 from kalm.train import Trainer
 
-__all__ = ["load_base", "train_or_load"]
+__all__ = [
+    "NOTEBOOK_PARAMETERS",
+    "TRAINING_WAIT",
+    "load_base",
+    "notebook_config",
+    "train_or_load",
+]
+
+NOTEBOOK_PARAMETERS = ("model", "dataset", "profile", "seed", "retrain", "overrides")
+"""The parameters of every experiment notebook; profile fields go into ``overrides``."""
+
+TRAINING_WAIT = 24 * 3600.0
+"""Seconds :func:`train_or_load` waits for another process training the same run."""
+
+# The notebook parameter `retrain` (set by notebook_config): retrain every run this process
+# loads, each once. The runs already retrained in this process are remembered.
+_session = {"retrain": False}
+_retrained: set[Path] = set()
 
 
 def _load(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -36,33 +62,121 @@ def load_base(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase,
 
 
 def train_or_load(
-    cfg: RunConfig, *, progress: bool = True
+    cfg: RunConfig,
+    *,
+    retrain: bool | None = None,
+    progress: bool = True,
+    wait: float = TRAINING_WAIT,
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
     """The KaLM-tuned model of ``cfg``: loaded if its run finished, else trained (resuming).
 
     Training is the only expensive path; every notebook calls this, so the first one trains and
-    the others reuse the adapter.
+    the others reuse the adapter. The run directory is locked throughout: a second process for
+    the same configuration waits (up to ``wait`` seconds) and then loads what the first trained.
+    A finished run is loaded only if its files verify; a damaged one raises
+    :class:`~kalm.durable.RunStoreError` and is retrained only on request: ``retrain=True``
+    discards the run and trains it again. ``retrain=None`` follows the notebook parameter
+    ``retrain`` (see :func:`notebook_config`), which retrains each run once per process.
     """
     run = Run.trained(cfg)
-    model, tokenizer = _load(cfg)
-    if run.finished:
-        tuned = PeftModel.from_pretrained(model, run.adapter_dir)
-        tuned.eval()
-        return tuned, tokenizer, run
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.save_config(cfg)
-    trainer = Trainer(model, tokenizer, load_kg(cfg.dataset), cfg, run)
-    started = time.perf_counter()
-    resumed_from = trainer.step_count
-    tuned = trainer.fit(progress=progress)
-    if trainer.accelerator.is_main_process:
-        tuned.save_pretrained(run.adapter_dir)
-        run.save_done(
-            {
-                "steps": trainer.steps,
-                "resumed_from": resumed_from,
-                "seconds": time.perf_counter() - started,
-                "examples": len(trainer.examples),
-            }
-        )
+    if retrain is None:
+        retrain = _session["retrain"] and run.path not in _retrained
+    # Under `accelerate launch` the processes of one training share the run; the first one locks
+    # it for all (the others waiting for the lock would block the first one's collectives).
+    first = int(os.environ.get("RANK", "0")) == 0
+    lock = lock_directory(run.path, timeout=wait, purpose=f"train or load {run.path.name}")
+    with lock if first else contextlib.nullcontext():
+        if retrain:
+            run.discard()
+            _retrained.add(run.path)
+        record = run.completion()
+        model, tokenizer = _load(cfg)
+        if record is not None:
+            return _load_adapter(model, run), tokenizer, run
+        run.save_config(cfg)
+        trainer = Trainer(model, tokenizer, load_kg(cfg.dataset), cfg, run)
+        tuned = trainer.fit(progress=progress)
+        if trainer.accelerator.is_main_process:
+            tuned.save_pretrained(run.adapter_dir)
+            sessions = trainer.sessions()
+            run.save_done(
+                {
+                    "steps": trainer.steps,
+                    "examples": len(trainer.examples),
+                    "seconds": sum(s["seconds"] for s in sessions),
+                    "sessions": sessions,
+                }
+            )
     return tuned, tokenizer, run
+
+
+def _load_adapter(model: PreTrainedModel, run: Run) -> PeftModel:
+    """The verified adapter of a finished run on ``model``; a failure names the run."""
+    try:
+        tuned = PeftModel.from_pretrained(model, run.adapter_dir)
+    except Exception as err:  # peft and safetensors raise many types; all mean "unreadable"
+        raise RunStoreError(
+            run.path, run.adapter_dir, f"cannot be loaded ({type(err).__name__}: {err})", RETRAIN
+        ) from err
+    tuned.eval()
+    return tuned
+
+
+# ----------------------------------------------------------------------------------- notebooks
+def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
+    """The configuration of a notebook from its parameters: ``cfg = notebook_config(globals())``.
+
+    Every experiment notebook declares exactly :data:`NOTEBOOK_PARAMETERS`; profile fields are
+    changed through the ``overrides`` dict. A name papermill injected that the notebook does not
+    declare (``-p batch_size 2``) would otherwise be ignored while the executed copy shows it, so
+    it is an error here, as are a non-bool ``retrain`` and ``overrides`` that is not a dict.
+    ``retrain=True`` makes every :func:`train_or_load` of this process retrain its run once.
+    """
+    profile_fields = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(EvalConfig)}
+    for name in _injected(namespace.get("In", ())):
+        if name in NOTEBOOK_PARAMETERS:
+            continue
+        hint = (
+            f"pass profile fields as -y 'overrides: {{{name}: {json.dumps(namespace.get(name))}}}'"
+            if name in profile_fields
+            else f"the parameters are {', '.join(NOTEBOOK_PARAMETERS)}"
+        )
+        raise ConfigError(f"{name} is not a parameter of this notebook; {hint}")
+    missing = [name for name in NOTEBOOK_PARAMETERS if name not in namespace]
+    if missing:
+        raise ConfigError(f"the notebook's parameters cell does not define {missing}")
+    retrain, overrides = namespace["retrain"], namespace["overrides"]
+    if not isinstance(retrain, bool):
+        raise ConfigError(f"retrain must be True or False, got {retrain!r}")
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+        raise ConfigError(
+            f"overrides must be a dict of profile fields, e.g. {{'lam': 0.1}}; got {overrides!r}"
+        )
+    clash = sorted(set(overrides) & set(NOTEBOOK_PARAMETERS))
+    if clash:
+        raise ConfigError(f"{clash} are notebook parameters, not overrides; pass them with -p")
+    cfg = resolve(
+        model=namespace["model"],
+        dataset=namespace["dataset"],
+        profile=namespace["profile"],
+        seed=namespace["seed"],
+        **overrides,
+    )
+    _session["retrain"] = retrain
+    return cfg
+
+
+def _injected(history: Sequence[str]) -> list[str]:
+    """Names assigned by papermill's injected parameters cell (it starts ``# Parameters``),
+    found in the kernel's input history; none when the notebook runs without papermill."""
+    names: list[str] = []
+    for source in history:
+        if source.startswith("# Parameters\n"):
+            names += [
+                target.id
+                for node in ast.parse(source).body
+                if isinstance(node, ast.Assign)
+                for target in node.targets
+                if isinstance(target, ast.Name)
+            ]
+    return names

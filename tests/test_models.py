@@ -219,3 +219,34 @@ def test_decoder_of_sees_through_peft(tiny_dir: Path) -> None:
     # LoRA starts as the identity (B = 0), so the embeddings do not move
     torch.testing.assert_close(encode(tuned, tokenizer, TEXTS[:3]), before)
     assert tuned.training  # encode evaluates in eval mode and restores the caller's mode
+
+
+def test_a_damaged_converted_model_is_converted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kalm import models
+    from kalm.config import load_config
+    from kalm.durable import StoreWarning
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    tokenizer = smollm2_tokenizer()
+    conversions = []
+
+    def dequantise(path: Path):
+        conversions.append(path)
+        return tiny_llama(len(tokenizer)), tokenizer
+
+    monkeypatch.setenv("KALM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_gguf_file", lambda spec: gguf)
+    monkeypatch.setattr(models, "_dequantise", dequantise)
+    spec = load_config().model("smollm2")
+    first = models._converted_dir(spec)
+    assert first.name.startswith("smollm2-") and (first / "manifest.json").is_file()
+    assert models._converted_dir(spec) == first and len(conversions) == 1
+    weights = first / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.warns(StoreWarning, match=r"file model\.safetensors has 100 bytes.*Converting"):
+        model, _ = load_model(spec)
+    assert len(conversions) == 2 and isinstance(model, PreTrainedModel)
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".smollm2")]  # no temp

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kalm.config import REPO_ROOT, resolve
+from kalm.durable import RunStoreError, StoreWarning
 from kalm.runs import Run, runs_dir
 
 
@@ -39,13 +40,24 @@ def test_trained_run_path_follows_the_train_key(store: Path) -> None:
     assert not run.path.exists()  # naming a run creates nothing
 
 
-def test_finished_needs_done_and_adapter(tmp_path: Path) -> None:
+def test_a_run_is_finished_only_when_its_record_verifies(tmp_path: Path) -> None:
     run = Run(tmp_path)
-    assert not run.finished
-    (tmp_path / "done.json").write_text("{}")
-    assert not run.finished
-    run.adapter_dir.mkdir()
-    assert run.finished
+    assert run.completion() is None
+    (run.adapter_dir).mkdir()
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"weights")
+    torch.save({"step": 3}, run.checkpoint_path)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "later.pt").write_bytes(b"derived")
+    run.save_done({"steps": 3})
+    record = run.completion()
+    assert record["steps"] == 3
+    # The checkpoint is gone; caches and metrics derive from the run and are not listed.
+    assert sorted(record["files"]) == ["adapter/adapter_model.safetensors"]
+    assert not run.checkpoint_path.exists()
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"weightz")
+    with pytest.raises(RunStoreError, match=r"adapter_model\.safetensors differs") as err:
+        run.completion()
+    assert "retrain=True" in str(err.value) and "--retrain" in str(err.value)
 
 
 @given(
@@ -81,9 +93,16 @@ def test_cached_computes_once_and_writes_atomically(tmp_path: Path) -> None:
     assert len(calls) == 1
     torch.testing.assert_close(first, second)
     cache = run.path / "cache"
-    assert sorted(p.name for p in cache.iterdir()) == ["entities-x.pt"]
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", "entities-x.json", "entities-x.pt"]
     run.cached("entities-y", compute)
-    assert len(calls) == 2 and not list(cache.glob("*.tmp"))
+    assert len(calls) == 2
+    assert sorted(p.name for p in cache.iterdir()) == [
+        ".lock",
+        "entities-x.json",
+        "entities-x.pt",
+        "entities-y.json",
+        "entities-y.pt",
+    ]
 
 
 def test_cached_leaves_nothing_when_compute_fails(tmp_path: Path) -> None:
@@ -113,7 +132,7 @@ def test_run_owns_its_file_names(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="has not finished"):
         run.done()
     run.save_done({"steps": 3})
-    assert run.done() == {"steps": 3}
+    assert run.done() == {"steps": 3, "files": {}}
     cfg = resolve("smollm2", "wn18rr", profile="smoke")
     run.save_config(cfg)
     assert json.loads((tmp_path / "config.json").read_text()) == cfg.as_dict()
@@ -131,4 +150,54 @@ def test_cached_timed_keeps_the_first_measurement(tmp_path: Path) -> None:
     again, same = run.cached_timed("x", lambda: torch.zeros(3))
     torch.testing.assert_close(again, value)
     assert same == seconds >= 0
-    assert run.load_metrics("timing-x")["rows"] == 3
+    assert json.loads((tmp_path / "cache" / "x.json").read_text())["rows"] == 3
+
+
+def _entry(run: Run, name: str) -> Path:
+    return run.path / "cache" / f"{name}.pt"
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda p: torch.save({"not": "a tensor"}, p), "does not match the size and sha256"),
+        (lambda p: p.write_bytes(p.read_bytes()[:20]), "does not match the size and sha256"),
+        (lambda p: p.with_suffix(".json").write_text("{"), "has no readable seal"),
+        (lambda p: p.unlink(), "cannot be read"),
+    ],
+    ids=["replaced by a dict", "truncated", "torn seal", "deleted entry"],
+)
+def test_a_damaged_cache_entry_is_recomputed_with_a_warning(
+    tmp_path: Path, damage, problem: str
+) -> None:
+    run = Run(tmp_path)
+    run.cached("entities-x", lambda: torch.ones(2, 3))
+    damage(_entry(run, "entities-x"))
+    with pytest.warns(StoreWarning) as caught:
+        value = run.cached("entities-x", lambda: torch.zeros(2, 3))
+    [warning] = [str(w.message) for w in caught]
+    assert warning.startswith(f"{tmp_path}: file cache/entities-x.pt {problem}")
+    assert warning.endswith("Computing it again.") and "\n" not in warning
+    torch.testing.assert_close(value, torch.zeros(2, 3))
+    assert run.cached("entities-x", lambda: torch.ones(1)).shape == (2, 3)  # stored again
+    assert not list((tmp_path / "cache").glob("*.part"))
+
+
+def test_a_cache_of_another_adapter_is_recomputed(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.adapter_dir.mkdir()
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"first")
+    run.save_done({"steps": 1})
+    run.cached("entities-x", lambda: torch.ones(2))
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"other")
+    run.save_done({"steps": 1})  # the adapter was replaced
+    with pytest.warns(StoreWarning, match="derives from another model state"):
+        torch.testing.assert_close(run.cached("entities-x", lambda: torch.zeros(2)), torch.zeros(2))
+
+
+def test_unreadable_metrics_are_named(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.save_metrics("kgc-test", {"MRR": 0.5})
+    (tmp_path / "metrics" / "kgc-test.json").write_text('{"MRR": 0.')
+    with pytest.raises(RunStoreError, match=r"file metrics/kgc-test\.json is not valid JSON"):
+        run.load_metrics("kgc-test")

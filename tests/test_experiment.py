@@ -1,0 +1,112 @@
+"""Notebook parameters become a configuration or a named error; --retrain reaches each run once."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kalm import execute, experiment
+from kalm.config import REPO_ROOT, ConfigError
+from kalm.experiment import NOTEBOOK_PARAMETERS, notebook_config
+
+DECLARED = {
+    "model": "smollm2",
+    "dataset": "wn18rr",
+    "profile": "smoke",
+    "seed": 0,
+    "retrain": False,
+    "overrides": {},
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(experiment, "_session", {"retrain": False})
+    monkeypatch.setattr(experiment, "_retrained", set())
+
+
+def namespace(injected: str | None = None, **values: Any) -> dict[str, Any]:
+    """A kernel's globals after the parameters cell and (if given) papermill's injected cell."""
+    names = {**DECLARED, **values, "In": ["", "model = 'smollm2'\n"]}
+    if injected is not None:
+        names["In"].append(f"# Parameters\n{injected}")
+        for node in ast.parse(injected).body:
+            names[node.targets[0].id] = ast.literal_eval(node.value)
+    return names
+
+
+def test_declared_parameters_and_overrides_resolve() -> None:
+    cfg = notebook_config(namespace("seed = 3\noverrides = {'lam': 0.5}\n"))
+    assert (cfg.seed, cfg.train.lam, cfg.profile) == (3, 0.5, "smoke")
+    assert experiment._session["retrain"] is False
+
+
+def test_an_undeclared_profile_field_is_rejected_with_the_way_to_pass_it() -> None:
+    with pytest.raises(ConfigError) as err:
+        notebook_config(namespace("batch_size = 2\n"))
+    assert str(err.value) == (
+        "batch_size is not a parameter of this notebook; "
+        "pass profile fields as -y 'overrides: {batch_size: 2}'"
+    )
+
+
+def test_an_unknown_name_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"^colour is not a parameter of this notebook; the par"):
+        notebook_config(namespace("colour = 'red'\n"))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"retrain": "yes"}, "retrain must be True or False, got 'yes'"),
+        ({"overrides": [("lam", 1)]}, "overrides must be a dict of profile fields"),
+        ({"overrides": {"seed": 1}}, r"\['seed'\] are notebook parameters, not overrides"),
+        ({"overrides": {"tau": 0}}, "tau"),  # the configuration's own rules still apply
+    ],
+)
+def test_bad_parameter_values_are_named(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        notebook_config(namespace(**values))
+
+
+def test_retrain_applies_to_each_run_once_per_process() -> None:
+    notebook_config(namespace(retrain=True))
+    assert experiment._session["retrain"] is True
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "notebooks").glob("*.ipynb")), ids=str)
+def test_notebooks_declare_exactly_the_parameters_and_check_them_first(path: Path) -> None:
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    index = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+    tree = ast.parse("".join(cells[index]["source"]))
+    declared = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body}
+    assert tuple(declared) == NOTEBOOK_PARAMETERS
+    assert declared["retrain"] is False and declared["overrides"] == {}
+    assert "cfg = notebook_config(globals())" in "".join(cells[index + 1]["source"])
+
+
+def test_execute_retrain_trains_each_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, bool]] = []
+    monkeypatch.setattr(
+        execute, "execute", lambda e, *, model, profile, retrain: calls.append((e.page, retrain))
+    )
+    execute.main(["--profile", "smoke", "--retrain"])
+    assert dict(calls) == {
+        "kgc": True,
+        "kgc_fb15k237": True,
+        "similarity": False,  # the kgc page retrained its run
+        "kgqa": False,
+        "lm": False,
+        "theorems": False,
+        "ablation": True,  # its arms are runs of its own
+    }
+    calls.clear()
+    execute.main(["similarity", "--profile", "smoke", "--retrain"])
+    assert calls == [("similarity", True)]
+    calls.clear()
+    execute.main(["kgc", "--profile", "smoke"])
+    assert calls == [("kgc", False)]
