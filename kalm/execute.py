@@ -42,7 +42,6 @@ class Experiment:
 # FB15k-237 page and the ablation train runs of their own.
 BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("kgc", "kgc"),
-    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237"}),
     Experiment("similarity", "similarity"),
     Experiment("kgqa", "kgqa"),
     Experiment("lm", "lm"),

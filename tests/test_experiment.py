@@ -97,7 +97,6 @@ def test_execute_retrain_trains_each_run_once(monkeypatch: pytest.MonkeyPatch) -
     execute.main(["--profile", "smoke", "--retrain"])
     assert dict(calls) == {
         "kgc": True,
-        "kgc_fb15k237": True,
         "similarity": False,  # the kgc page retrained its run
         "kgqa": False,
         "lm": False,
