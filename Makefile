@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kalm-setup
 
-.PHONY: setup book experiments test lint bench clean-book
+.PHONY: setup book experiments studies test lint bench clean-book
 
 setup: $(STAMP)
 
@@ -20,6 +20,11 @@ book: setup experiments
 
 experiments: setup
 	$(BIN)/python -m kalm.execute
+
+# The study pages (self-negatives, tuning, lambda): many short training runs, cached in the run
+# store like every other run; their executed pages are committed with the book's.
+studies: setup
+	$(BIN)/python -m kalm.execute --studies
 
 # Unit tests, notebooks in the smoke profile (nbval) and the book build with warnings as errors.
 test: setup

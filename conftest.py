@@ -1,8 +1,10 @@
-"""Test-wide defaults: the smoke profile and the read-only data directory beside the repository."""
+"""Test-wide defaults: the smoke profile, a scratch directory for the pages' results and the
+read-only data directory beside the repository."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent
 
 os.environ.setdefault("KALM_PROFILE", "smoke")
+# Smoke runs of the notebooks must not overwrite the book's results (book/results/).
+os.environ.setdefault("KALM_RESULTS_DIR", tempfile.mkdtemp(prefix="kalm-results-"))
 _shared = ROOT.parent / "shared" / "data"
 if "KALM_DATA_DIR" not in os.environ and _shared.is_dir():
     os.environ["KALM_DATA_DIR"] = str(_shared)

@@ -98,6 +98,7 @@ def run(w: Workload, quick: bool) -> dict[str, Any]:
         print(f"  bf16, {count} thread(s): {threads[str(count)]:7.1f} entities/s")
     torch.set_num_threads(THREADS)
     result = {
+        "precisions": list(PRECISIONS),
         "entities": n,
         "mean_tokens": round(real / n, 2),
         "max_entity_tokens": w.cfg.train.max_entity_tokens,

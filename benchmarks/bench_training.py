@@ -56,8 +56,16 @@ def pass_tokens(batch: KaLMBatch) -> tuple[PassTokens, PassTokens, int]:
 
 def _step_flops(trainer: Trainer, tokens: PassTokens, recipe: bool = False) -> StepFlops:
     tcfg = trainer.tcfg
-    count = recipe_step_flops if recipe else kalm_step_flops
-    return count(trainer.peft_model.config, tokens, tcfg.lora_targets, tcfg.lora_r)
+    config = trainer.peft_model.config
+    if recipe:
+        return recipe_step_flops(config, tokens, tcfg.lora_targets, tcfg.lora_r)
+    return kalm_step_flops(
+        config,
+        tokens,
+        tcfg.lora_targets,
+        tcfg.lora_r,
+        self_negative_grad=tcfg.self_negative_grad,
+    )
 
 
 def _available_gb() -> float:

@@ -96,6 +96,8 @@ class TrainConfig:
     # Weights and matmuls of training and of every evaluation: "bf16" keeps the frozen base in
     # bf16 under bf16 autocast, with LoRA weights, optimiser state and loss maths in fp32.
     precision: str = "fp32"
+    # Self-negatives with gradient through the head's view (SimKGC) rather than as a constant.
+    self_negative_grad: bool = False
 
     @property
     def lm_examples(self) -> int:
@@ -131,10 +133,12 @@ class EvalConfig:
     sentence_tokens: int
     stats_min_rows: int
     analysis_batch_size: int
-    # Self-negative ablation: optimiser steps per arm, validation triples and candidates.
-    ablation_steps: int
-    ablation_queries: int
-    ablation_candidates: int
+    # Studies (self-negatives, tuning, lambda): training examples per arm (steps follow from the
+    # arm's batch size, so arms of different batch sizes see as many examples), validation
+    # triples and candidates per query.
+    study_examples: int
+    study_queries: int
+    study_candidates: int
     # Theory checks: Theorem 1's negative counts, dimension, queries and pool of negatives, and
     # the size of the gradient-descent experiment (rows, dimension, steps).
     theorem1_negatives: tuple[int, ...]
@@ -338,6 +342,7 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "checkpoint_every": _COUNT,
         "warmup_steps": Range(0),
         "precision": OneOf(("fp32", "bf16")),
+        "self_negative_grad": _FLAG,
         # eval
         "test_queries": _all("every test triple"),
         "valid_queries": _all("every validation triple"),
@@ -358,9 +363,9 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "sentence_tokens": _COUNT,
         "stats_min_rows": Range(0, note="0 = no minimum"),
         "analysis_batch_size": _COUNT,
-        "ablation_steps": _COUNT,
-        "ablation_queries": _all("every validation triple"),
-        "ablation_candidates": _all("every entity"),
+        "study_examples": _COUNT,
+        "study_queries": _all("every validation triple"),
+        "study_candidates": _all("every entity"),
         "theorem1_negatives": Counts(),
         "theorem1_dim": Range(2, note="a sphere of dimension 1 has two points"),
         "theorem1_queries": _COUNT,

@@ -4,11 +4,18 @@ Each book page is a notebook of ``notebooks/`` executed with explicit parameters
 resolved here, so the executed copy records ``cpu`` rather than ``auto``). Trained adapters and
 cached embeddings come from the run store, so only the first notebook of a run trains. With
 ``--retrain`` each run is trained anew once: by the first chosen page that uses it.
+
+Without page names the experiment pages run (``make experiments``); ``--studies`` runs the
+study pages instead (``make studies``: the self-negative, tuning and lambda studies, whose many
+short runs take longer than the rest of the book). Every page writes its headline numbers to
+``book/results/<page>.json``; ``--results-dir`` sends them elsewhere, and ``--compare DIR``
+sets the numbers of such a rerun beside the book's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import sys
@@ -18,9 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from kalm.config import REPO_ROOT, RunConfig, load_config, resolve
+from kalm.durable import atomic_write_text
 from kalm.runs import Run
 
-__all__ = ["BOOK_EXPERIMENTS", "Experiment", "execute", "main", "page_config"]
+__all__ = [
+    "BOOK_EXPERIMENTS",
+    "REGENERATION",
+    "Experiment",
+    "execute",
+    "main",
+    "page_config",
+    "regeneration_table",
+]
+
+REGENERATION = REPO_ROOT / "book" / "results" / "regeneration.md"
+"""The table of how long each executed page took, included by the reproducing chapter."""
 
 
 @dataclass(frozen=True)
@@ -28,25 +47,29 @@ class Experiment:
     """A book page: a source notebook, the executed copy's name and its parameters.
 
     ``own_runs`` marks a page that trains runs of its own besides its configuration's (the
-    ablation arms), so that ``--retrain`` reaches them even when an earlier page retrained the
-    configuration's run.
+    study arms), so that ``--retrain`` reaches them even when an earlier page retrained the
+    configuration's run. ``study`` marks a page of ``make studies`` rather than ``make book``.
     """
 
     notebook: str
     page: str
     parameters: dict[str, Any] = field(default_factory=dict)
     own_runs: bool = False
+    study: bool = False
 
 
 # In execution order: the WN18RR KGC run trains the adapter that the next pages reuse; the
-# FB15k-237 page and the ablation train runs of their own.
+# FB15k-237 page and the studies train runs of their own (the lambda study reads the tuning
+# study's arms, so it comes after it).
 BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("kgc", "kgc"),
     Experiment("similarity", "similarity"),
     Experiment("kgqa", "kgqa"),
     Experiment("lm", "lm"),
     Experiment("theorems", "theorems"),
-    Experiment("ablation", "ablation", own_runs=True),
+    Experiment("ablation", "ablation", own_runs=True, study=True),
+    Experiment("tuning", "tuning", own_runs=True, study=True),
+    Experiment("lam", "lam", own_runs=True, study=True),
 )
 
 
@@ -101,6 +124,37 @@ def execute(
     return target
 
 
+def regeneration_table() -> str:
+    """Markdown table of the executed pages: profile, minutes and date of their papermill run
+    (from the executed notebooks' own metadata), with the totals of the book and the studies.
+    A page trains its runs when the run store lacks them, so its minutes include training."""
+    rows, totals = [], {False: 0.0, True: 0.0}
+    for e in BOOK_EXPERIMENTS:
+        path = REPO_ROOT / "book" / "experiments" / f"{e.page}.ipynb"
+        if not path.is_file():
+            continue
+        meta = json.loads(path.read_text(encoding="utf-8"))["metadata"].get("papermill", {})
+        minutes = float(meta.get("duration") or 0.0) / 60
+        totals[e.study] += minutes
+        rows.append(
+            f"| {e.page} | {'make studies' if e.study else 'make book'} | "
+            f"{meta.get('parameters', {}).get('profile', '?')} | {minutes:.1f} | "
+            f"{str(meta.get('end_time', '?'))[:10]} |"
+        )
+    return (
+        "\n".join(
+            [
+                "| page | target | profile | minutes | executed |",
+                "|---|---|---|---|---|",
+                *rows,
+                f"| **all pages of `make book`** | | | **{totals[False]:.1f}** | |",
+                f"| **all pages of `make studies`** | | | **{totals[True]:.1f}** | |",
+            ]
+        )
+        + "\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: execute all book experiments, or the named pages."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,6 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model alias or local directory")
     profiles = ", ".join(load_config().profiles)
     parser.add_argument("--profile", default="auto", help=f"{profiles} or auto")
+    parser.add_argument("--studies", action="store_true", help="run the study pages (make studies)")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="write the pages' headline numbers here instead of book/results/",
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="run nothing: print the numbers of a rerun's --results-dir beside the book's",
+    )
     parser.add_argument(
         "--retrain",
         action="store_true",
@@ -118,10 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         "loading it from the run store",
     )
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        from kalm.results import compare
+
+        table = compare(args.compare)
+        print(table.to_string(index=False) if len(table) else f"no records in {args.compare}")
+        return 0
     unknown = sorted(set(args.pages) - set(pages))
     if unknown:
         parser.error(f"unknown page(s) {unknown}; valid pages: {', '.join(pages)}")
-    chosen = [e for e in BOOK_EXPERIMENTS if not args.pages or e.page in args.pages]
+    if args.results_dir is not None:  # the notebooks' kernels inherit the environment
+        os.environ["KALM_RESULTS_DIR"] = str(args.results_dir.resolve())
+    chosen = [
+        e
+        for e in BOOK_EXPERIMENTS
+        if e.page in args.pages or (not args.pages and e.study == args.studies)
+    ]
     retrained: set[Path] = set()
     for experiment in chosen:
         run = Run.trained(page_config(experiment, model=args.model, profile=args.profile)).path
@@ -129,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if retrain:
             retrained.add(run)
         execute(experiment, model=args.model, profile=args.profile, retrain=retrain)
+        atomic_write_text(REGENERATION, regeneration_table())
     return 0
 
 

@@ -124,20 +124,28 @@ def _lora(
 
 
 def kalm_step_flops(
-    config: PretrainedConfig, tokens: PassTokens, lora_targets: Sequence[str], lora_rank: int
+    config: PretrainedConfig,
+    tokens: PassTokens,
+    lora_targets: Sequence[str],
+    lora_rank: int,
+    *,
+    self_negative_grad: bool = False,
 ) -> StepFlops:
     """FLOPs of one KaLM step as this library runs it.
 
     body = 2P(hr + tail + self_negative + lm) forward + 2P(hr + tail + lm) input gradients
-    (the self-negative view runs without gradient); LM head = 2hV * response forward + the same
-    for its input gradient (the tied embedding is frozen); LoRA = 3x its forward on passes with
-    gradient, 1x on the self-negative view.
+    (the self-negative view runs without gradient unless ``self_negative_grad``, then it has
+    them too); LM head = 2hV * response forward + the same for its input gradient (the tied
+    embedding is frozen); LoRA = 3x its forward on passes with gradient, 1x on the others.
     """
     grad = tokens.hr + tokens.tail + tokens.lm
+    nograd = tokens.self_negative
+    if self_negative_grad:
+        grad, nograd = grad + nograd, 0
     return StepFlops(
-        body=forward_flops(config, grad + tokens.self_negative) + forward_flops(config, grad),
+        body=forward_flops(config, grad + nograd) + forward_flops(config, grad),
         lm_head=2 * lm_head_flops(config, tokens.response),
-        lora=_lora(config, lora_targets, lora_rank, grad, tokens.self_negative),
+        lora=_lora(config, lora_targets, lora_rank, grad, nograd),
     )
 
 

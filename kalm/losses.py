@@ -8,6 +8,8 @@ every formula can be checked by hand and by ``torch.autograd.gradcheck``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,7 @@ __all__ = [
     "kalm_loss",
     "lm_loss_from_hidden",
     "response_positions",
+    "self_negative_diagnostics",
     "self_negative_mask",
 ]
 
@@ -38,35 +41,18 @@ def _masked_fill_min(logits: Tensor, mask: Tensor) -> Tensor:
     return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
 
 
-def explicit_loss(
+def _dual_view_logits(
     hr_emb: Tensor,
     t_emb: Tensor,
     *,
     tau: float | Tensor,
     margin: float,
-    false_negative_mask: Tensor | None = None,
-    extra_negatives: Tensor | None = None,
-    extra_mask: Tensor | None = None,
-) -> Tensor:
-    """Dual-view InfoNCE ``L_exp`` over a batch of B positive pairs ``(hr_i, t_i)``.
-
-    ``logits_ij = (cos(hr_i, t_j) - margin * [i == j]) / tau``;
-    ``L = 0.5 * (CE over rows, hr -> t  +  CE over columns, t -> hr)``, each a batch mean.
-
-    Args:
-        hr_emb, t_emb: (B, d) embeddings of the two views; normalised here, so scores are cosines.
-        tau: temperature, a float or a 0-d tensor (a learnable temperature may require grad).
-        margin: additive margin subtracted from the positives (diagonal) only.
-        false_negative_mask: (B, B) bool, True removes ``t_j`` as a negative of row ``i`` (and
-            ``hr_i`` as a negative of column ``j``); see :func:`false_negative_mask`. The diagonal
-            holds the positives and must be False.
-        extra_negatives: (B, d) optional extra negative per row, used in the hr -> t direction
-            only: row ``i`` gets one more logit ``cos(hr_i, extra_i) / tau``. This is SimKGC's
-            *self-negative*: pass the tail-view embedding of row ``i``'s own head entity, so the
-            model cannot score a query high just because it mentions the answer's text.
-        extra_mask: (B,) bool, True drops row ``i``'s extra negative (the head entity is itself a
-            known answer of the query); see :func:`self_negative_mask`.
-    """
+    false_negative_mask: Tensor | None,
+    extra_negatives: Tensor | None,
+    extra_mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The row (hr -> t, with the extra negative as a last column) and column (t -> hr) logits
+    of :func:`explicit_loss`, after checking every shape."""
     if hr_emb.ndim != 2 or hr_emb.shape != t_emb.shape:
         raise ValueError(
             f"explicit_loss: hr_emb and t_emb must both be (B, d); got {tuple(hr_emb.shape)} and "
@@ -116,9 +102,90 @@ def explicit_loss(
         row_logits = torch.cat([row_logits, extra_logits], dim=1)
     elif extra_mask is not None:
         raise ValueError("explicit_loss: extra_mask given without extra_negatives.")
+    return row_logits, col_logits
 
-    targets = torch.arange(batch, device=hr.device)
+
+def explicit_loss(
+    hr_emb: Tensor,
+    t_emb: Tensor,
+    *,
+    tau: float | Tensor,
+    margin: float,
+    false_negative_mask: Tensor | None = None,
+    extra_negatives: Tensor | None = None,
+    extra_mask: Tensor | None = None,
+) -> Tensor:
+    """Dual-view InfoNCE ``L_exp`` over a batch of B positive pairs ``(hr_i, t_i)``.
+
+    ``logits_ij = (cos(hr_i, t_j) - margin * [i == j]) / tau``;
+    ``L = 0.5 * (CE over rows, hr -> t  +  CE over columns, t -> hr)``, each a batch mean.
+
+    Args:
+        hr_emb, t_emb: (B, d) embeddings of the two views; normalised here, so scores are cosines.
+        tau: temperature, a float or a 0-d tensor (a learnable temperature may require grad).
+        margin: additive margin subtracted from the positives (diagonal) only.
+        false_negative_mask: (B, B) bool, True removes ``t_j`` as a negative of row ``i`` (and
+            ``hr_i`` as a negative of column ``j``); see :func:`false_negative_mask`. The diagonal
+            holds the positives and must be False.
+        extra_negatives: (B, d) optional extra negative per row, used in the hr -> t direction
+            only: row ``i`` gets one more logit ``cos(hr_i, extra_i) / tau``. This is SimKGC's
+            *self-negative*: pass the tail-view embedding of row ``i``'s own head entity, so the
+            model cannot score a query high just because it mentions the answer's text.
+        extra_mask: (B,) bool, True drops row ``i``'s extra negative (the head entity is itself a
+            known answer of the query); see :func:`self_negative_mask`.
+    """
+    row_logits, col_logits = _dual_view_logits(
+        hr_emb,
+        t_emb,
+        tau=tau,
+        margin=margin,
+        false_negative_mask=false_negative_mask,
+        extra_negatives=extra_negatives,
+        extra_mask=extra_mask,
+    )
+    targets = torch.arange(hr_emb.shape[0], device=row_logits.device)
     return 0.5 * (F.cross_entropy(row_logits, targets) + F.cross_entropy(col_logits, targets))
+
+
+@torch.no_grad()
+def self_negative_diagnostics(
+    hr_emb: Tensor,
+    t_emb: Tensor,
+    extra_negatives: Tensor,
+    *,
+    tau: float | Tensor,
+    margin: float,
+    false_negative_mask: Tensor | None = None,
+    extra_mask: Tensor | None = None,
+) -> dict[str, float]:
+    """How much the self-negatives still compete in a batch, over the rows that use one.
+
+    ``self_negative_mass``: the mean probability the hr -> t softmax of :func:`explicit_loss`
+    puts on the row's own head. ``head_wins``: the share of rows whose head scores above their
+    positive tail (cosines, no margin): the in-batch counterpart of the evaluation's "the head
+    outranks the gold". Both are NaN when no row has a self-negative.
+    """
+    row_logits, _ = _dual_view_logits(
+        hr_emb,
+        t_emb,
+        tau=tau,
+        margin=margin,
+        false_negative_mask=false_negative_mask,
+        extra_negatives=extra_negatives,
+        extra_mask=extra_mask,
+    )
+    used = torch.ones(len(hr_emb), dtype=torch.bool, device=row_logits.device)
+    if extra_mask is not None:
+        used = ~extra_mask.to(used.device)
+    if not bool(used.any()):
+        return {"self_negative_mass": math.nan, "head_wins": math.nan}
+    mass = row_logits.softmax(dim=1)[:, -1]
+    positive = row_logits.diagonal() + margin / tau  # the positive's logit without its margin
+    wins = row_logits[:, -1] > positive
+    return {
+        "self_negative_mass": float(mass[used].mean()),
+        "head_wins": float(wins[used].float().mean()),
+    }
 
 
 def false_negative_mask(tails: Tensor, known_mask: Tensor) -> Tensor:

@@ -123,6 +123,52 @@ def loss_curves(
     return fig
 
 
+def arm_curves(
+    logs: Mapping[str, pd.DataFrame],
+    panels: Mapping[str, str],
+    *,
+    step: str = "step",
+    ylabels: Mapping[str, str] | None = None,
+) -> Figure:
+    """The training logs of a study's arms side by side: one panel per column of `panels`
+    (column -> title), one smoothed curve per arm (rolling mean over a twentieth of the run).
+
+    An arm whose log lacks a column (self-negative diagnostics of an arm without them) is left
+    out of that panel.
+    """
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels), 3.4), layout="constrained", squeeze=False
+    )
+    for ax, (column, title) in zip(axes[0], panels.items(), strict=True):
+        for i, (arm, log) in enumerate(logs.items()):
+            if column in log.columns and log[column].notna().any():
+                ax.plot(log[step], smoothed(log[column]), color=f"C{i}", lw=2, label=arm)
+        ylabel = (ylabels or {}).get(column, column)
+        ax.set(xlabel="optimiser step", ylabel=ylabel, title=title)
+    legend_outside(axes[0][-1], title="arm")
+    return fig
+
+
+def tradeoff_plot(
+    table: pd.DataFrame, *, x: str, y: str, limit: float | None = None, limit_label: str = ""
+) -> Figure:
+    """One labelled point per row of `table` (index = label): `y` against `x`, e.g. validation
+    MRR against perplexity relative to the untuned model, with an optional vertical `limit`."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), layout="constrained")
+    ax.scatter(table[x], table[y], s=60, color="C0", zorder=3)
+    for label, row in table.iterrows():
+        ax.annotate(
+            str(label), (row[x], row[y]), xytext=(6, 4), textcoords="offset points", fontsize=9
+        )
+    if limit is not None:
+        ax.axvline(limit, color="grey", ls="--", lw=1, label=limit_label or None)
+        if limit_label:
+            ax.legend(fontsize="small", loc="lower right")
+    ax.set(xlabel=x, ylabel=y)
+    ax.margins(0.2)
+    return fig
+
+
 def barh_chart(
     data: pd.DataFrame,
     *,

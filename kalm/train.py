@@ -28,7 +28,13 @@ from kalm.config import RunConfig, TrainConfig
 from kalm.data import KnowledgeGraph
 from kalm.durable import RunStoreError, append_jsonl, atomic_torch_save, atomic_write_text
 from kalm.encoder import Encoder
-from kalm.losses import explicit_loss, false_negative_mask, kalm_loss, lm_loss_from_hidden
+from kalm.losses import (
+    explicit_loss,
+    false_negative_mask,
+    kalm_loss,
+    lm_loss_from_hidden,
+    self_negative_diagnostics,
+)
 from kalm.models import decoder_of, embed_batch, mixed_precision
 from kalm.runs import RETRAIN, Run
 from kalm.views import Collator, KaLMBatch, ViewBuilder, iterate_batches, training_examples
@@ -76,7 +82,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 class KaLMModule(nn.Module):
-    """One forward for a whole KaLM step: hr view, tail view and (optionally) the LM prompt."""
+    """One forward for a whole KaLM step: hr view, tail view and, optionally, the LM prompt and
+    the heads' tail views (self-negatives trained through, as in SimKGC)."""
 
     def __init__(self, model: PeftModel, learnable_tau: bool, tau: float):
         super().__init__()
@@ -98,13 +105,17 @@ class KaLMModule(nn.Module):
         lm_ids: torch.Tensor | None = None,
         lm_mask: torch.Tensor | None = None,
         lm_prefix: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        head_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         hr = embed_batch(self.model, hr_ids, hr_mask)
         t = embed_batch(self.model, t_ids, t_mask)
-        hidden = None
+        hidden = head = None
         if lm_ids is not None and lm_mask is not None:
             hidden = self.lm_hidden(lm_ids, lm_mask, lm_prefix)
-        return hr, t, hidden
+        if head_ids is not None and head_mask is not None:
+            head = embed_batch(self.model, head_ids, head_mask)
+        return hr, t, hidden, head
 
     def lm_hidden(
         self, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None = None
@@ -139,10 +150,13 @@ class TrainingDiverged(ArithmeticError):
 @dataclass(frozen=True)
 class StepResult:
     """What one optimiser step computed: the loss components (``l_exp``, ``l_imp``, ``total``,
-    ``tau``) and the seconds spent in forward + loss, backward and the optimiser."""
+    ``tau``), the self-negative diagnostics (empty without self-negatives; see
+    :func:`~kalm.losses.self_negative_diagnostics`) and the seconds spent in forward + loss,
+    backward and the optimiser."""
 
     losses: dict[str, torch.Tensor]
     seconds: dict[str, float]
+    diagnostics: dict[str, float]
 
 
 class Trainer:
@@ -201,6 +215,7 @@ class Trainer:
         )
         self.encoder = Encoder(self.peft_model, self.views)
         self.step_count = 0
+        self.diagnostics: dict[str, float] = {}
         # Sessions of this run before the current one (from the checkpoint), and where and when
         # the current one started (set by fit).
         self._earlier_sessions: list[dict[str, float]] = []
@@ -218,7 +233,8 @@ class Trainer:
         return self.collator.collate(indices)
 
     def loss(self, batch: KaLMBatch) -> dict[str, torch.Tensor]:
-        """KaLM loss components of one batch.
+        """KaLM loss components of one batch (and the self-negative diagnostics, as floats in
+        ``self.diagnostics``).
 
         Every matmul (both views, the self-negatives, the LM prompts and the LM head at response
         positions) runs under one :func:`~kalm.models.mixed_precision` context, so a bf16 base
@@ -230,8 +246,9 @@ class Trainer:
     def _loss(self, batch: KaLMBatch) -> dict[str, torch.Tensor]:
         device = self.accelerator.device
         b = batch.to(device)
-        lm = b.lm
-        hr_emb, t_emb, hidden = self.module(
+        lm, heads = b.lm, b.self_negative
+        trained_heads = heads is not None and self.tcfg.self_negative_grad
+        hr_emb, t_emb, hidden, extra = self.module(
             b.hr.input_ids,
             b.hr.attention_mask,
             b.tail.input_ids,
@@ -239,12 +256,15 @@ class Trainer:
             lm.input_ids if lm else None,
             lm.attention_mask if lm else None,
             b.lm_prefix,
+            heads.input_ids if trained_heads else None,
+            heads.attention_mask if trained_heads else None,
         )
         fn_mask = b.false_negative_mask
-        extra = extra_mask = None
-        if b.self_negative is not None:
-            with torch.no_grad():
-                extra = self.encoder.embed(b.self_negative)
+        extra_mask = None
+        if heads is not None:
+            if not trained_heads:
+                with torch.no_grad():
+                    extra = self.encoder.embed(heads)
             extra_mask = b.self_negative_mask
         if self.tcfg.gather_negatives:
             hr_emb, t_emb = gather_with_grad(hr_emb), gather_with_grad(t_emb)
@@ -255,6 +275,19 @@ class Trainer:
                 else (gather_with_grad(extra), gather_with_grad(extra_mask))
             )
         tau = torch.exp(-self.accelerator.unwrap_model(self.module).log_inv_tau)
+        self.diagnostics = (
+            {}
+            if extra is None
+            else self_negative_diagnostics(
+                hr_emb,
+                t_emb,
+                extra,
+                tau=tau,
+                margin=self.tcfg.margin,
+                false_negative_mask=fn_mask,
+                extra_mask=extra_mask,
+            )
+        )
         l_exp = explicit_loss(
             hr_emb,
             t_emb,
@@ -290,7 +323,7 @@ class Trainer:
         t3 = time.perf_counter()
         self.step_count += 1
         seconds = {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
-        return StepResult(parts, seconds)
+        return StepResult(parts, seconds, self.diagnostics)
 
     def _global_mask(
         self, tails: torch.Tensor, known: torch.Tensor, local: torch.Tensor
@@ -396,7 +429,8 @@ class Trainer:
         while self.step_count < end:
             _, indices = next(batches)
             started = time.perf_counter()
-            parts = {k: v.item() for k, v in self.step(self.collate(indices)).losses.items()}
+            result = self.step(self.collate(indices))
+            parts = {k: v.item() for k, v in result.losses.items()}
             rate = len(indices) / (time.perf_counter() - started)
             record = {
                 "step": self.step_count,
@@ -406,6 +440,7 @@ class Trainer:
                 "lr": self.scheduler.get_last_lr()[0],
                 "tau": parts["tau"],
                 "examples_per_s": rate,
+                **result.diagnostics,
             }
             if not all(math.isfinite(record[k]) for k in ("L_exp", "L_imp", "total")):
                 bar.close()

@@ -181,6 +181,7 @@ RULE_CASES: dict[str, tuple[list, list[dict]]] = {
     "margin": ([-0.1, 2, math.inf, math.nan], [{"margin": 0}, {"margin": 1.99}]),
     "learnable_tau": ([1, "yes"], [{"learnable_tau": True}]),
     "self_negatives": ([0], [{"self_negatives": False}]),
+    "self_negative_grad": (["yes"], [{"self_negative_grad": True}]),
     "lora_r": ([0, -4], [{"lora_r": 1}]),
     "lora_alpha": ([0, -16], [{"lora_alpha": 1}]),
     "lora_dropout": ([-0.1, 1.0, math.nan], [{"lora_dropout": 0.99}]),
@@ -214,9 +215,9 @@ RULE_CASES: dict[str, tuple[list, list[dict]]] = {
     "sentence_tokens": ([0], [{"sentence_tokens": 1}]),
     "stats_min_rows": ([-1], [{"stats_min_rows": 0}]),
     "analysis_batch_size": ([0], [{"analysis_batch_size": 1}]),
-    "ablation_steps": ([0, -2], [{"ablation_steps": 1}]),
-    "ablation_queries": ([-1], [{"ablation_queries": 0}]),
-    "ablation_candidates": ([-1], [{"ablation_candidates": 0}]),
+    "study_examples": ([0, -2], [{"study_examples": 1}]),
+    "study_queries": ([-1], [{"study_queries": 0}]),
+    "study_candidates": ([-1], [{"study_candidates": 0}]),
     "theorem1_negatives": ([[], [0, 10]], [{"theorem1_negatives": [1]}]),
     "theorem1_dim": ([1, 0], [{"theorem1_dim": 2}]),
     "theorem1_queries": ([0], [{"theorem1_queries": 1}]),
@@ -494,8 +495,10 @@ def test_fields_at_their_default_keep_the_training_key() -> None:
     """Fields added with a default that reproduces older runs leave their key unchanged."""
     cfg = resolve(profile="smoke")
     assert cfg.train.warmup_steps == 0 and cfg.train.precision == "fp32"
+    assert not cfg.train.self_negative_grad
     payload = {k: v for k, v in cfg.as_dict().items() if k != "eval"}
-    del payload["train"]["warmup_steps"], payload["train"]["precision"]
+    for name in ("warmup_steps", "precision", "self_negative_grad"):
+        del payload["train"][name]
     payload["revision"] = config.TRAINING_REVISION
     blob = json.dumps(payload, sort_keys=True).encode()
     assert cfg.train_key() == hashlib.sha256(blob).hexdigest()[:12]
@@ -506,7 +509,7 @@ def test_profile_sizes_are_integers_and_lists_are_checked(tmp_path: Path) -> Non
     for profile in load_config().profiles:
         ev = resolve(profile=profile).eval
         assert all(isinstance(n, int) for n in ev.theorem1_negatives)
-        assert ev.ablation_steps > 2 or profile == "smoke"
+        assert ev.study_examples > resolve(profile=profile).train.batch_size or profile == "smoke"
     path = write_config(tmp_path, {("profiles", "cpu", "eval", "theorem1_negatives"): ["10"]})
     with pytest.raises(ConfigError, match=r"theorem1_negatives must be a list of integers"):
         load_config(path)

@@ -101,8 +101,10 @@ def test_execute_retrain_trains_each_run_once(monkeypatch: pytest.MonkeyPatch) -
         "kgqa": False,
         "lm": False,
         "theorems": False,
-        "ablation": True,  # its arms are runs of its own
     }
+    calls.clear()
+    execute.main(["--profile", "smoke", "--retrain", "--studies"])
+    assert dict(calls) == {"ablation": True, "tuning": True, "lam": True}  # arms of their own
     calls.clear()
     execute.main(["similarity", "--profile", "smoke", "--retrain"])
     assert calls == [("similarity", True)]

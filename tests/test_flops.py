@@ -104,6 +104,9 @@ def test_step_flops_by_hand() -> None:
     with_lora = kalm_step_flops(tiny(), tokens, ["q_proj"], 2)
     assert with_lora.lora == 3 * 64 * 2 * 10 + 64 * 2 * 4
     assert with_lora.total == 48_000 + 1024 + with_lora.lora
+    trained = kalm_step_flops(tiny(), tokens, ["q_proj"], 2, self_negative_grad=True)
+    assert trained.body == recipe.body  # the head view now has input gradients too
+    assert trained.lora == 3 * 64 * 2 * 14
 
 
 @settings(max_examples=50, deadline=None)

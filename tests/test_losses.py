@@ -340,3 +340,26 @@ def test_implicit_loss_and_kalm_loss_golden() -> None:
     expected = 0.5 * (-math.log(3 / 4) - math.log(1 / 3))
     assert implicit_loss(logits, targets).item() == pytest.approx(expected, rel=1e-12)
     assert kalm_loss(torch.tensor(2.0), torch.tensor(3.0), 0.01).item() == pytest.approx(2.03)
+
+
+def test_self_negative_diagnostics_count_the_heads_that_win() -> None:
+    from kalm.losses import self_negative_diagnostics
+
+    hr = torch.eye(3)
+    t = torch.tensor([[1.0, 0.2, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    heads = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]])
+    # Row 0: positive cos ~0.98 vs head 0; row 1: positive 0 vs head 1 (the head wins);
+    # row 2: masked (its head is a known answer).
+    mask = torch.tensor([False, False, True])
+    fn = torch.tensor([[False, False, False], [False, False, True], [False, True, False]])
+    d = self_negative_diagnostics(
+        hr, t, heads, tau=0.05, margin=0.0, false_negative_mask=fn, extra_mask=mask
+    )
+    assert d["head_wins"] == pytest.approx(0.5)
+    logits = torch.tensor([[0.98058, 0.0, 0.0, 0.0], [0.19612, 0.0, 0.0, 1.0]]) / 0.05
+    logits[1, 2] = torch.finfo(torch.float32).min  # masked false negative
+    expected = logits.softmax(1)[:, -1].mean()
+    assert d["self_negative_mass"] == pytest.approx(float(expected), abs=1e-3)
+    everything = torch.ones(3, dtype=torch.bool)
+    none = self_negative_diagnostics(hr, t, heads, tau=0.05, margin=0.0, extra_mask=everything)
+    assert math.isnan(none["head_wins"]) and math.isnan(none["self_negative_mass"])

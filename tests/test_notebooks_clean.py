@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kalm.execute import BOOK_EXPERIMENTS, Experiment
+from kalm.execute import BOOK_EXPERIMENTS, REGENERATION, Experiment, regeneration_table
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -107,3 +107,12 @@ def test_book_shows_a_real_executed_run(experiment: Experiment) -> None:
     ran = [(c["cell_type"], source(c)) for c in nb["cells"] if "injected-parameters" not in tags(c)]
     src = [(c["cell_type"], source(c)) for c in read(path)["cells"]]
     assert ran == src, f"{executed.name} is stale: notebooks/{path.name} changed since it was run"
+
+
+def test_regeneration_table_matches_the_executed_pages() -> None:
+    """book/results/regeneration.md is rewritten after every executed page; a page executed
+    some other way would leave it stale."""
+    table = regeneration_table()
+    assert all(f"| {e.page} |" in table for e in BOOK_EXPERIMENTS)
+    committed = REGENERATION.read_text(encoding="utf-8")
+    assert committed == table, f"{REGENERATION} is stale: run `python -m kalm.execute` for a page"

@@ -242,3 +242,34 @@ def test_gathered_negatives_match_one_process_on_the_whole_batch():
         torch.testing.assert_close(loss, expected.detach())
         torch.testing.assert_close(g_hr, full_hr.grad[part])
         torch.testing.assert_close(g_t, full_t.grad[part])
+
+
+def test_trained_self_negatives_change_the_gradient_not_the_loss(tokenizer, kg, tmp_path):
+    """Trained through (SimKGC), the head's view gets a gradient; as a constant it does not.
+    Both compute the same loss, and both log the self-negative diagnostics."""
+    grads, losses = {}, {}
+    for grad in (False, True):
+        cfg = smoke_cfg(self_negatives=True, self_negative_grad=grad, lam=0.0)
+        trainer = Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path / str(grad)))
+        batch = trainer.collate(np.arange(cfg.train.batch_size))
+        parts = trainer.loss(batch)
+        parts["total"].backward()
+        losses[grad] = float(parts["l_exp"])
+        grads[grad] = {
+            n: p.grad.clone()
+            for n, p in trainer.peft_model.named_parameters()
+            if p.grad is not None
+        }
+        assert set(trainer.diagnostics) == {"self_negative_mass", "head_wins"}
+        assert 0 < trainer.diagnostics["self_negative_mass"] < 1
+    assert losses[False] == pytest.approx(losses[True], abs=1e-5)
+    assert grads[False].keys() == grads[True].keys()
+    assert any(not torch.allclose(grads[False][n], grads[True][n]) for n in grads[False])
+
+
+def test_training_log_records_self_negative_diagnostics(tokenizer, kg, tmp_path):
+    cfg = smoke_cfg(self_negatives=True, max_steps=2)
+    Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path)).fit(progress=False)
+    log = Run(tmp_path).train_log()
+    assert len(log) == 2
+    assert all(0 <= r["head_wins"] <= 1 and 0 < r["self_negative_mass"] < 1 for r in log)

@@ -193,15 +193,17 @@ def build_questions(
     shots: int,
     seed: int,
     tasks: Sequence[str] = TASKS,
+    split: str = "test",
 ) -> list[Question]:
-    """Questions of every task on a fixed sample of ``n`` test triples (all when ``n`` is 0).
+    """Questions of every task on a fixed sample of ``n`` triples of ``split`` (all when ``n``
+    is 0); the studies ask about validation triples, the book's KGQA page about test ones.
 
     Head, tail and relation prediction ask about each sampled triple once. Classification is
     balanced and paired: the first ``ceil(n / 2)`` sampled triples are each asked once as they
     are and once corrupted, so every task has ``n`` questions (``n`` rounded up to even).
     Everything is a function of ``seed``: the sample, the shots and the corruptions.
     """
-    triples = sample_triples(kg.test, n, seed)
+    triples = sample_triples(getattr(kg, split), n, seed)
     questions: list[Question] = []
     for task in tasks:
         index = TASKS.index(task)
@@ -392,6 +394,8 @@ def run_kgqa(
     kg: KnowledgeGraph,
     cfg: RunConfig,
     *,
+    tasks: Sequence[str] = TASKS,
+    split: str = "test",
     progress: bool = True,
 ) -> pd.DataFrame:
     """Answer every question of :func:`build_questions` (sizes from ``cfg.eval``).
@@ -400,7 +404,8 @@ def run_kgqa(
     (head, relation, tail, true). ``df.attrs["seconds"]`` is the generation time.
     """
     questions = build_questions(
-        kg, n=cfg.eval.kgqa_questions, shots=cfg.eval.kgqa_shots, seed=cfg.seed
+        kg, n=cfg.eval.kgqa_questions, shots=cfg.eval.kgqa_shots, seed=cfg.seed, tasks=tasks,
+        split=split,
     )
     return _answer(model, tokenizer, questions, cfg, progress)
 

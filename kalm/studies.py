@@ -1,0 +1,273 @@
+"""Studies: short training runs ("arms") at one budget, compared on the validation split only.
+
+The self-negative, tuning and lambda studies of the book share this: an arm is the notebook's
+configuration with a few fields changed, trained on ``study_examples`` examples (the steps follow
+from the arm's batch size, so arms of different batch sizes see as many examples) and ranked on
+``study_queries`` validation triples against ``study_candidates`` entities, every gold entity
+among them. Validation answers are filtered with train and valid only; no study touches the test
+set. Every arm's numbers are cached in its run directory, so a study reruns in seconds and two
+studies that share an arm train it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kalm.analysis import head_outranks_gold
+from kalm.config import RunConfig, resolve
+from kalm.data import load_kg, load_wikitext
+from kalm.encoder import Encoder
+from kalm.evaluate import kgqa, lm
+from kalm.evaluate.protocol import evaluate_kgc
+from kalm.experiment import load_base, train_or_load
+from kalm.runs import Run
+from kalm.views import ViewBuilder
+
+__all__ = [
+    "LAMBDAS",
+    "PERPLEXITY_LIMIT",
+    "STUDY_BASE",
+    "TIE",
+    "Arm",
+    "arm_config",
+    "base_language",
+    "choose",
+    "evaluate_arm",
+    "lambda_arms",
+    "lambda_choice",
+    "run_study",
+    "self_negative_arms",
+    "tuned_settings",
+    "tuning_arms",
+    "tuning_choice",
+]
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP_ONLY = ("gate_proj", "up_proj", "down_proj")
+
+STUDY_BASE: dict[str, Any] = {
+    "lr": 5e-4,
+    "batch_size": 64,
+    "lora_targets": list(ALL_LINEAR),
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lam": 0.01,
+    "self_negatives": True,
+    "self_negative_grad": True,
+}
+"""Every setting the studies compare, stated in full: an arm changes some of them and keeps the
+rest, whatever the profile says, so an arm (and its cached run) stays the same when the profile
+later adopts a study's choice."""
+
+TIE = 0.01
+"""Validation MRRs closer than this count as tied (about one standard error of an MRR over 600
+queries); the tuning study breaks ties by the smaller perplexity."""
+
+PERPLEXITY_LIMIT = 1.10
+"""The lambda study chooses among arms whose perplexity is at most this times the untuned one."""
+
+LAMBDAS = (0.0, 0.01, 0.1, 1.0)
+"""The weights of ``L_imp`` the lambda study compares."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a study: a label and the profile fields it changes."""
+
+    label: str
+    changes: Mapping[str, Any] = field(default_factory=dict)
+
+
+def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
+    """``cfg`` with ``changes`` and the study budget: ``study_examples // batch_size`` steps and
+    the validation sizes of the study (checked like any override)."""
+    fields = {**dataclasses.asdict(cfg.train), **dataclasses.asdict(cfg.eval), **changes}
+    fields["lora_targets"] = list(fields["lora_targets"])
+    fields["theorem1_negatives"] = list(fields["theorem1_negatives"])
+    fields["max_steps"] = max(1, cfg.eval.study_examples // fields["batch_size"])
+    fields["valid_queries"] = cfg.eval.study_queries
+    fields["candidates"] = cfg.eval.study_candidates
+    return resolve(
+        model=cfg.model.alias, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields
+    )
+
+
+def base_language(cfg: RunConfig) -> dict[str, float]:
+    """The untuned model's WikiText-103 perplexity (``ppl``) and KGQA tail-prediction accuracy
+    on validation triples, the references of the arms (cached in the base model's directory)."""
+    name = Run.metric_name("study-language", cfg, "valid")
+    base_run = Run.base(cfg)
+    cached = base_run.load_metrics(name)
+    if cached is None:
+        model, tokenizer, _ = load_base(cfg)
+        cached = {**_perplexity(model, tokenizer, cfg), **_kgqa_tail(model, tokenizer, cfg)}
+        base_run.save_metrics(name, cached)
+        del model
+        gc.collect()
+    return cached
+
+
+def _perplexity(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, float]:
+    ev = cfg.eval
+    return lm.perplexity(
+        model,
+        tokenizer,
+        load_wikitext("test"),
+        max_tokens=ev.lm_tokens,
+        window=ev.lm_window,
+        stride=ev.lm_stride,
+        batch_size=ev.lm_batch_size,
+        progress=False,
+    )
+
+
+def _kgqa_tail(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, float]:
+    """Tail-prediction accuracy (lenient) with its Wilson 95 % interval, on validation triples."""
+    kg = load_kg(cfg.dataset)
+    answers = kgqa.run_kgqa(model, tokenizer, kg, cfg, tasks=("tail",), split="valid")
+    row = kgqa.summarise(answers).loc["tail"]
+    return {
+        "kgqa_tail": float(row["lenient"]),
+        "kgqa_tail_lo": float(row["lenient_lo"]),
+        "kgqa_tail_hi": float(row["lenient_hi"]),
+        "kgqa_questions": int(row["n"]),
+    }
+
+
+def evaluate_arm(
+    cfg: RunConfig, *, language: bool = False, progress: bool = True
+) -> dict[str, float]:
+    """Train (or load) the arm ``cfg`` and measure it on the validation split.
+
+    Always: MRR, Hits@1/3/10, the share of tail queries whose own head outranks the gold, the
+    training minutes and the last logged losses and self-negative diagnostics. With
+    ``language``: WikiText-103 perplexity (and its ratio to the untuned model's) and KGQA
+    tail-prediction accuracy on validation triples. Cached in the arm's run directory.
+    """
+    tuned, tokenizer, run = train_or_load(cfg, progress=progress)
+    name = Run.metric_name("study", cfg, "valid") + ("-language" if language else "")
+    cached = run.load_metrics(name)
+    if cached is not None:
+        return cached
+    kg = load_kg(cfg.dataset)
+    encoder = Encoder.from_config(tuned, ViewBuilder.from_config(kg, tokenizer, cfg), cfg)
+    result = evaluate_kgc(encoder, cfg, run, split="valid", progress=progress)
+    head_wins = head_outranks_gold(encoder, result.triples, batch_size=cfg.eval.analysis_batch_size)
+    log = run.train_log()
+    done = run.done()
+    metrics: dict[str, float] = {
+        **result.table_row(),
+        "head outranks gold": head_wins,
+        "queries": len(result.triples),
+        "candidates": result.num_candidates,
+        "steps": done["steps"],
+        "examples": done["steps"] * cfg.train.batch_size,
+        "train minutes": done["seconds"] / 60,
+        "L_exp (last 10 steps)": float(np.mean([r["L_exp"] for r in log[-10:]])),
+        "L_imp (last 10 steps)": float(np.mean([r["L_imp"] for r in log[-10:]])),
+    }
+    if language:
+        ppl = _perplexity(tuned, tokenizer, cfg)["ppl"]
+        metrics |= {
+            "perplexity": ppl,
+            "perplexity / base": ppl / base_language(cfg)["ppl"],
+            **_kgqa_tail(tuned, tokenizer, cfg),
+        }
+    run.save_metrics(name, metrics)
+    del tuned
+    gc.collect()
+    return metrics
+
+
+def run_study(
+    cfg: RunConfig, arms: Sequence[Arm], *, language: bool = False, progress: bool = True
+) -> tuple[pd.DataFrame, dict[str, Run]]:
+    """Every arm of a study: one row of :func:`evaluate_arm` per arm label, and the arms' runs
+    (whose training logs the notebooks plot)."""
+    rows, runs = {}, {}
+    for arm in arms:
+        arm_cfg = arm_config(cfg, arm.changes)
+        rows[arm.label] = evaluate_arm(arm_cfg, language=language, progress=progress)
+        runs[arm.label] = Run.trained(arm_cfg)
+    return pd.DataFrame(rows).T.astype(float).rename_axis("arm"), runs
+
+
+def choose(
+    table: pd.DataFrame,
+    *,
+    admissible: Callable[[pd.Series], bool] = lambda row: True,
+    tie_break: str | None = None,
+    tolerance: float = 0.0,
+) -> str:
+    """The arm a pre-stated rule picks: the best validation MRR among ``admissible`` rows.
+
+    Arms within ``tolerance`` of the best MRR count as tied; a tie goes to the smallest
+    ``tie_break`` column (e.g. perplexity). With no admissible arm, every arm is admissible.
+    """
+    rows = table[[bool(admissible(row)) for _, row in table.iterrows()]]
+    if rows.empty:
+        rows = table
+    best = rows["MRR"].max()
+    tied = rows[rows["MRR"] >= best - tolerance]
+    if tie_break is None or len(tied) == 1 or tied[tie_break].isna().all():
+        return str(tied["MRR"].idxmax())
+    values = tied[tie_break].astype(float).where(lambda s: s.map(math.isfinite))
+    return str(values.idxmin())
+
+
+def self_negative_arms() -> tuple[Arm, ...]:
+    """In-batch negatives only; the head's view as a constant extra negative; the same trained
+    through (SimKGC). Otherwise :data:`STUDY_BASE`."""
+    return (
+        Arm("in-batch negatives only", {**STUDY_BASE, "self_negatives": False}),
+        Arm("self-negatives, constant", {**STUDY_BASE, "self_negative_grad": False}),
+        Arm("self-negatives, trained through", dict(STUDY_BASE)),
+    )
+
+
+def tuning_arms() -> tuple[Arm, ...]:
+    """:data:`STUDY_BASE`, then one change each: two more learning rates, half the batch (at
+    equal examples seen) and the recipe's LoRA (MLP only, rank 8)."""
+    base = dict(STUDY_BASE)
+    return (
+        Arm("lr 5e-4, batch 64, all linear r16", base),
+        Arm("lr 2e-4", {**base, "lr": 2e-4}),
+        Arm("lr 1e-3", {**base, "lr": 1e-3}),
+        Arm("batch 32", {**base, "batch_size": 32}),
+        Arm(
+            "MLP only, r8 (recipe)",
+            {**base, "lora_targets": list(MLP_ONLY), "lora_r": 8, "lora_alpha": 16},
+        ),
+    )
+
+
+def tuning_choice(table: pd.DataFrame) -> str:
+    """The tuning rule, fixed before the runs: the best validation MRR, ties (within
+    :data:`TIE`) broken by the smaller perplexity."""
+    return choose(table, tie_break="perplexity", tolerance=TIE)
+
+
+def tuned_settings(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """The settings the tuning study chooses (runs the study, or reads its cached arms)."""
+    table, _ = run_study(cfg, tuning_arms(), language=True, progress=progress)
+    label = tuning_choice(table)
+    return dict(next(arm for arm in tuning_arms() if arm.label == label).changes)
+
+
+def lambda_arms(tuned: Mapping[str, Any]) -> tuple[Arm, ...]:
+    """The tuned settings at each weight of :data:`LAMBDAS`."""
+    return tuple(Arm(f"λ = {lam:g}", {**tuned, "lam": lam}) for lam in LAMBDAS)
+
+
+def lambda_choice(table: pd.DataFrame) -> str:
+    """The lambda rule, fixed before the runs: the best validation MRR among arms whose
+    perplexity is at most :data:`PERPLEXITY_LIMIT` times the untuned model's (any arm if none)."""
+    return choose(table, admissible=lambda row: row["perplexity / base"] <= PERPLEXITY_LIMIT)
