@@ -189,12 +189,27 @@ def _side_by_side(results: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
+def _reference(peak: dict[str, Any]) -> list[str]:
+    """The large square matmul of the peak benchmark and the CPU's bf16 extensions: what bounds
+    the bf16 / fp32 ratio on this machine, whatever the model's shapes."""
+    if "reference_gflops" not in peak:
+        return []
+    ref = peak["reference_gflops"]
+    flags = ", ".join(peak.get("environment", {}).get("cpu_flags", [])) or "none reported"
+    return [
+        f"A {peak['reference_shape']} matmul runs at fp32 {ref['float32']:.0f} and bf16 "
+        f"{ref['bfloat16']:.0f} GFLOP/s ({ref['bfloat16'] / ref['float32']:.1f}x) on this CPU "
+        f"(extensions: {flags}).",
+    ]
+
+
 def markdown(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]], peak: dict) -> str:
     """The targets and the main figures as Markdown tables, for the book to include."""
     lines = [
         f"Matmul peak of this run: fp32 {peak['peak_gflops']:.0f} GFLOP/s, "
         f"bf16 {peak['bf16_gflops']:.0f} GFLOP/s ({peak['peak_shape']['shape']}, "
         f"{peak['peak_shape']['tokens']} tokens).",
+        *_reference(peak),
         "",
         "| target | goal | measured | met |",
         "|---|---|---|---|",
