@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "dual_view_logits",
     "explicit_loss",
     "false_negative_mask",
     "implicit_loss",
+    "info_nce",
     "kalm_loss",
     "lm_loss_from_hidden",
     "response_positions",
@@ -41,18 +43,19 @@ def _masked_fill_min(logits: Tensor, mask: Tensor) -> Tensor:
     return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
 
 
-def _dual_view_logits(
+def dual_view_logits(
     hr_emb: Tensor,
     t_emb: Tensor,
     *,
     tau: float | Tensor,
     margin: float,
-    false_negative_mask: Tensor | None,
-    extra_negatives: Tensor | None,
-    extra_mask: Tensor | None,
+    false_negative_mask: Tensor | None = None,
+    extra_negatives: Tensor | None = None,
+    extra_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The row (hr -> t, with the extra negative as a last column) and column (t -> hr) logits
-    of :func:`explicit_loss`, after checking every shape."""
+    of :func:`explicit_loss` (whose docstring explains the arguments), after checking every
+    shape; :func:`info_nce` turns them into the loss."""
     if hr_emb.ndim != 2 or hr_emb.shape != t_emb.shape:
         raise ValueError(
             f"explicit_loss: hr_emb and t_emb must both be (B, d); got {tuple(hr_emb.shape)} and "
@@ -134,54 +137,45 @@ def explicit_loss(
         extra_mask: (B,) bool, True drops row ``i``'s extra negative (the head entity is itself a
             known answer of the query); see :func:`self_negative_mask`.
     """
-    row_logits, col_logits = _dual_view_logits(
-        hr_emb,
-        t_emb,
-        tau=tau,
-        margin=margin,
-        false_negative_mask=false_negative_mask,
-        extra_negatives=extra_negatives,
-        extra_mask=extra_mask,
+    return info_nce(
+        *dual_view_logits(
+            hr_emb,
+            t_emb,
+            tau=tau,
+            margin=margin,
+            false_negative_mask=false_negative_mask,
+            extra_negatives=extra_negatives,
+            extra_mask=extra_mask,
+        )
     )
-    targets = torch.arange(hr_emb.shape[0], device=row_logits.device)
+
+
+def info_nce(row_logits: Tensor, col_logits: Tensor) -> Tensor:
+    """The mean of the two directions' cross-entropies, positives on the diagonal."""
+    targets = torch.arange(row_logits.shape[0], device=row_logits.device)
     return 0.5 * (F.cross_entropy(row_logits, targets) + F.cross_entropy(col_logits, targets))
 
 
 @torch.no_grad()
 def self_negative_diagnostics(
-    hr_emb: Tensor,
-    t_emb: Tensor,
-    extra_negatives: Tensor,
-    *,
-    tau: float | Tensor,
-    margin: float,
-    false_negative_mask: Tensor | None = None,
-    extra_mask: Tensor | None = None,
+    row_logits: Tensor, *, margin_logit: float | Tensor, extra_mask: Tensor | None = None
 ) -> dict[str, float]:
     """How much the self-negatives still compete in a batch, over the rows that use one.
 
-    ``self_negative_mass``: the mean probability the hr -> t softmax of :func:`explicit_loss`
-    puts on the row's own head. ``head_wins``: the share of rows whose head scores above their
-    positive tail (cosines, no margin): the in-batch counterpart of the evaluation's "the head
-    outranks the gold". Both are NaN when no row has a self-negative.
+    ``row_logits`` are the hr -> t logits of :func:`dual_view_logits` with the self-negative as
+    the last column, and ``margin_logit`` the margin in logit units (``margin / tau``).
+    ``self_negative_mass``: the mean probability the softmax puts on the row's own head.
+    ``head_wins``: the share of rows whose head scores above their positive tail (without the
+    margin): the in-batch counterpart of the evaluation's "the head outranks the gold". Both are
+    NaN when no row has a self-negative.
     """
-    row_logits, _ = _dual_view_logits(
-        hr_emb,
-        t_emb,
-        tau=tau,
-        margin=margin,
-        false_negative_mask=false_negative_mask,
-        extra_negatives=extra_negatives,
-        extra_mask=extra_mask,
-    )
-    used = torch.ones(len(hr_emb), dtype=torch.bool, device=row_logits.device)
+    used = torch.ones(len(row_logits), dtype=torch.bool, device=row_logits.device)
     if extra_mask is not None:
         used = ~extra_mask.to(used.device)
     if not bool(used.any()):
         return {"self_negative_mass": math.nan, "head_wins": math.nan}
     mass = row_logits.softmax(dim=1)[:, -1]
-    positive = row_logits.diagonal() + margin / tau  # the positive's logit without its margin
-    wins = row_logits[:, -1] > positive
+    wins = row_logits[:, -1] > row_logits.diagonal() + margin_logit
     return {
         "self_negative_mass": float(mass[used].mean()),
         "head_wins": float(wins[used].float().mean()),

@@ -29,8 +29,9 @@ from kalm.data import KnowledgeGraph
 from kalm.durable import RunStoreError, append_jsonl, atomic_torch_save, atomic_write_text
 from kalm.encoder import Encoder
 from kalm.losses import (
-    explicit_loss,
+    dual_view_logits,
     false_negative_mask,
+    info_nce,
     kalm_loss,
     lm_loss_from_hidden,
     self_negative_diagnostics,
@@ -275,20 +276,7 @@ class Trainer:
                 else (gather_with_grad(extra), gather_with_grad(extra_mask))
             )
         tau = torch.exp(-self.accelerator.unwrap_model(self.module).log_inv_tau)
-        self.diagnostics = (
-            {}
-            if extra is None
-            else self_negative_diagnostics(
-                hr_emb,
-                t_emb,
-                extra,
-                tau=tau,
-                margin=self.tcfg.margin,
-                false_negative_mask=fn_mask,
-                extra_mask=extra_mask,
-            )
-        )
-        l_exp = explicit_loss(
+        row_logits, col_logits = dual_view_logits(
             hr_emb,
             t_emb,
             tau=tau,
@@ -296,6 +284,14 @@ class Trainer:
             false_negative_mask=fn_mask,
             extra_negatives=extra,
             extra_mask=extra_mask,
+        )
+        l_exp = info_nce(row_logits, col_logits)
+        self.diagnostics = (
+            {}
+            if extra is None
+            else self_negative_diagnostics(
+                row_logits, margin_logit=self.tcfg.margin / tau, extra_mask=extra_mask
+            )
         )
         l_imp = torch.zeros((), device=device)
         if hidden is not None and lm is not None:

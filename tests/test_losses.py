@@ -343,7 +343,7 @@ def test_implicit_loss_and_kalm_loss_golden() -> None:
 
 
 def test_self_negative_diagnostics_count_the_heads_that_win() -> None:
-    from kalm.losses import self_negative_diagnostics
+    from kalm.losses import dual_view_logits, self_negative_diagnostics
 
     hr = torch.eye(3)
     t = torch.tensor([[1.0, 0.2, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
@@ -352,14 +352,14 @@ def test_self_negative_diagnostics_count_the_heads_that_win() -> None:
     # row 2: masked (its head is a known answer).
     mask = torch.tensor([False, False, True])
     fn = torch.tensor([[False, False, False], [False, False, True], [False, True, False]])
-    d = self_negative_diagnostics(
-        hr, t, heads, tau=0.05, margin=0.0, false_negative_mask=fn, extra_mask=mask
+    rows, _ = dual_view_logits(
+        hr, t, tau=0.05, margin=0.0, false_negative_mask=fn, extra_negatives=heads, extra_mask=mask
     )
+    d = self_negative_diagnostics(rows, margin_logit=0.0, extra_mask=mask)
     assert d["head_wins"] == pytest.approx(0.5)
     logits = torch.tensor([[0.98058, 0.0, 0.0, 0.0], [0.19612, 0.0, 0.0, 1.0]]) / 0.05
     logits[1, 2] = torch.finfo(torch.float32).min  # masked false negative
     expected = logits.softmax(1)[:, -1].mean()
     assert d["self_negative_mass"] == pytest.approx(float(expected), abs=1e-3)
-    everything = torch.ones(3, dtype=torch.bool)
-    none = self_negative_diagnostics(hr, t, heads, tau=0.05, margin=0.0, extra_mask=everything)
+    none = self_negative_diagnostics(rows, margin_logit=0.0, extra_mask=torch.ones(3).bool())
     assert math.isnan(none["head_wins"]) and math.isnan(none["self_negative_mass"])

@@ -404,7 +404,11 @@ def run_kgqa(
     (head, relation, tail, true). ``df.attrs["seconds"]`` is the generation time.
     """
     questions = build_questions(
-        kg, n=cfg.eval.kgqa_questions, shots=cfg.eval.kgqa_shots, seed=cfg.seed, tasks=tasks,
+        kg,
+        n=cfg.eval.kgqa_questions,
+        shots=cfg.eval.kgqa_shots,
+        seed=cfg.seed,
+        tasks=tasks,
         split=split,
     )
     return _answer(model, tokenizer, questions, cfg, progress)
