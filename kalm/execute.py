@@ -59,8 +59,7 @@ class Experiment:
 
 
 # In execution order: the WN18RR KGC run trains the adapter that the next pages reuse; the
-# FB15k-237 page and the studies train runs of their own (the lambda study reads the tuning
-# study's arms, so it comes after it).
+# FB15k-237 page and the studies train runs of their own.
 BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("kgc", "kgc"),
     Experiment("similarity", "similarity"),
@@ -68,8 +67,6 @@ BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("lm", "lm"),
     Experiment("theorems", "theorems"),
     Experiment("ablation", "ablation", own_runs=True, study=True),
-    Experiment("tuning", "tuning", own_runs=True, study=True),
-    Experiment("lam", "lam", own_runs=True, study=True),
 )
 
 
