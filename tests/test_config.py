@@ -510,3 +510,44 @@ def test_profile_sizes_are_integers_and_lists_are_checked(tmp_path: Path) -> Non
     path = write_config(tmp_path, {("profiles", "cpu", "eval", "theorem1_negatives"): ["10"]})
     with pytest.raises(ConfigError, match=r"theorem1_negatives must be a list of integers"):
         load_config(path)
+
+
+# --- local model directories -------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_profile_env")
+def test_a_local_directory_is_a_model(llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = resolve(model=str(llama_dir))
+    spec = cfg.model
+    assert (spec.alias, spec.source, spec.hub_id) == (llama_dir.name, "local", str(llama_dir))
+    assert spec.default_profile == cfg.profile == "cpu"  # a few thousand parameters
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert config.parameter_count(llama_dir) == sum(p.numel() for p in model.parameters())
+    assert resolve(model=llama_dir).train_key() == cfg.train_key()  # a Path works too
+    assert spec.store_name.startswith(f"{llama_dir.name}-") and spec.store_name != spec.alias
+
+
+@pytest.mark.usefixtures("no_profile_env")
+def test_a_large_local_model_defaults_to_the_paper_profile(tmp_path: Path) -> None:
+    """Counted from the safetensors header alone: a file that declares 1.3B parameters."""
+    (tmp_path / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [32000, 40960], "data_offsets": [0, 0]}})
+    blob = len(header).to_bytes(8, "little") + header.encode()
+    (tmp_path / "model.safetensors").write_bytes(blob)
+    assert config.parameter_count(tmp_path) == 32000 * 40960
+    assert resolve(model=str(tmp_path)).profile == "paper"
+
+
+def test_what_is_not_a_model_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"holds no config\.json, so it is not a model"):
+        resolve(model=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
+    with pytest.raises(ConfigError, match=r"no complete set of weights"):
+        resolve(model=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"unknown model .*or a local directory.*does not exist"):
+        resolve(model=str(tmp_path / "Llama-2-7b-hf"))
