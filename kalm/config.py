@@ -117,11 +117,30 @@ class TrainConfig:
     # Weights and matmuls of training and of every evaluation: "bf16" keeps the frozen base in
     # bf16 under bf16 autocast, with LoRA weights, optimiser state and loss maths in fp32.
     precision: str = "fp32"
+    # Micro-batches of `batch_size` that each process accumulates into one optimiser step: one
+    # GPU with 4 reproduces the recipe's step over 4 GPUs x 24 examples.
+    gradient_accumulation_steps: int = 1
+    # Gradient clipping by global L2 norm before each optimiser step (the recipe: 1.0); 0 = none.
+    max_grad_norm: float = 0.0
+    # Data-parallel processes the run trains on (`accelerate launch`, `torchrun`). No profile
+    # sets it: `python -m kalm.train` takes it from the launch. It is part of the run key (when
+    # not 1) because it sets the global batch, and a launch of another size refuses the run.
+    processes: int = 1
 
     @property
     def lm_examples(self) -> int:
-        """Examples per batch that also get the triple-completion loss (recipe: 4 of 24)."""
+        """Examples per micro-batch that also get the triple-completion loss (recipe: 4 of 24)."""
         return round(self.lm_fraction * self.batch_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimiser step over all processes and accumulated micro-batches.
+
+        Steps, epochs and the learning-rate schedule count in these; in-batch negatives come
+        from one micro-batch of ``batch_size`` (or, with ``gather_negatives``, from the
+        micro-batches of all processes at once).
+        """
+        return self.batch_size * self.gradient_accumulation_steps * self.processes
 
 
 @dataclass(frozen=True)
@@ -454,6 +473,9 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "checkpoint_every": _COUNT,
         "warmup_steps": Range(0),
         "precision": OneOf(("fp32", "bf16")),
+        "gradient_accumulation_steps": _COUNT,
+        "max_grad_norm": Range(0, note="0 = no clipping"),
+        "processes": _COUNT,
         # eval
         "test_queries": _all("every test triple"),
         "valid_queries": _all("every validation triple"),

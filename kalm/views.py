@@ -30,6 +30,7 @@ __all__ = [
     "bucketed_batches",
     "iterate_batches",
     "leading_special_ids",
+    "micro_batches",
     "pad_batch",
     "prompt_ids",
     "split_shared_prefix",
@@ -353,7 +354,12 @@ def bucketed_batches(
 def iterate_batches(
     lengths: np.ndarray, batch_size: int, seed: int, start_step: int = 0
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Endless ``(step, example indices)`` stream over epochs, resumable at any step."""
+    """Endless ``(step, example indices)`` stream over epochs, resumable at any step.
+
+    Training draws global batches (all processes, all accumulated micro-batches of a step)
+    from it, so the order of the examples depends on the seed, the epoch and the global batch
+    size only, never on the number of processes that share a batch (:func:`micro_batches`).
+    """
     per_epoch = len(lengths) // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {len(lengths)} training examples")
@@ -364,3 +370,25 @@ def iterate_batches(
         for batch in batches[offset:]:
             yield step, batch
             step += 1
+
+
+def micro_batches(
+    global_batch: np.ndarray, *, rank: int, processes: int, accumulation: int
+) -> list[np.ndarray]:
+    """The micro-batches that process ``rank`` of ``processes`` trains on in one step.
+
+    The global batch is cut into ``processes`` contiguous, disjoint shards, one per process,
+    and each shard into ``accumulation`` micro-batches: every example is trained on exactly
+    once per step. Since a bucketed global batch is sorted by length, contiguous shards also
+    keep the padding of each micro-batch low. Micro-batch ``m`` of process ``rank`` is part
+    ``rank * accumulation + m`` of the global batch, so 2 processes with one micro-batch each
+    train on the same micro-batches as one process with two.
+    """
+    parts = processes * accumulation
+    if len(global_batch) % parts:
+        raise ValueError(
+            f"a global batch of {len(global_batch)} examples does not split into {processes} "
+            f"processes x {accumulation} micro-batches"
+        )
+    shards = np.split(np.asarray(global_batch), parts)
+    return shards[rank * accumulation : (rank + 1) * accumulation]

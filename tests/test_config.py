@@ -71,6 +71,9 @@ def test_paper_profile_is_the_published_recipe() -> None:
     assert (t.max_entity_tokens, t.max_prompt_tokens) == (50, 256)
     assert t.load_in_8bit and not t.learnable_tau
     assert t.max_steps == 0 and t.train_subset == 0  # the full 20 epochs on every triple
+    # 96 examples per optimiser step, as 4 GPUs x 24 (here 4 micro-batches on one GPU)
+    assert (t.gradient_accumulation_steps, t.processes, t.global_batch_size) == (4, 1, 96)
+    assert t.max_grad_norm == 1.0  # the recipe's trainer clips gradients
     assert cfg.eval.test_queries == 0 and cfg.eval.candidates == 0  # full protocol
 
 
@@ -208,6 +211,9 @@ RULE_CASES: dict[str, tuple[list, list[dict]]] = {
     "analysis_sentences": ([1], [{"analysis_sentences": 2}]),
     "precision": (["fp16", "BF16", "bfloat16"], [{"precision": "bf16"}, {"precision": "fp32"}]),
     "warmup_steps": ([-1], [{"warmup_steps": 0}]),
+    "gradient_accumulation_steps": ([0, -1], [{"gradient_accumulation_steps": 1}]),
+    "max_grad_norm": ([-0.1, math.inf, math.nan], [{"max_grad_norm": 0}]),
+    "processes": ([0, -2], [{"processes": 1}]),
     "kgqa_batch_size": ([0], [{"kgqa_batch_size": 1}]),
     "lm_batch_size": ([0, -1], [{"lm_batch_size": 1}]),
     "rank_chunk_size": ([0], [{"rank_chunk_size": 1}]),
@@ -494,12 +500,18 @@ def test_fields_at_their_default_keep_the_training_key() -> None:
     """Fields added with a default that reproduces older runs leave their key unchanged."""
     cfg = resolve(profile="smoke")
     assert cfg.train.warmup_steps == 0 and cfg.train.precision == "fp32"
+    later = ("gradient_accumulation_steps", "max_grad_norm", "processes")
+    assert [getattr(cfg.train, name) for name in later] == [1, 0.0, 1]
     payload = {k: v for k, v in cfg.as_dict().items() if k != "eval"}
     del payload["train"]["warmup_steps"], payload["train"]["precision"]
+    for name in later:
+        del payload["train"][name]
     payload["revision"] = config.TRAINING_REVISION
     blob = json.dumps(payload, sort_keys=True).encode()
     assert cfg.train_key() == hashlib.sha256(blob).hexdigest()[:12]
     assert resolve(profile="smoke", warmup_steps=3).train_key() != cfg.train_key()
+    for change in ({"gradient_accumulation_steps": 2}, {"max_grad_norm": 1.0}, {"processes": 2}):
+        assert resolve(profile="smoke", **change).train_key() != cfg.train_key()
 
 
 def test_profile_sizes_are_integers_and_lists_are_checked(tmp_path: Path) -> None:
