@@ -1,8 +1,12 @@
 """The KaLM training loop: LoRA on a causal LM, ``L_exp + lam * L_imp``, exact checkpoint/resume.
 
-One code path serves CPU, one GPU and several (``accelerate launch``): the two views and the
-triple-completion prompt go through a single ``forward`` of :class:`KaLMModule`, which is what
-DDP/FSDP wrap, so gradient synchronisation sees every parameter use.
+One code path serves CPU, one GPU and several (``accelerate launch``, ``torchrun``): the two
+views and the triple-completion prompt go through a single ``forward`` of :class:`KaLMModule`,
+which is what DDP/FSDP wrap, so gradient synchronisation sees every parameter use. Each
+optimiser step takes one global batch, which every process shards the same way
+(:func:`~kalm.views.micro_batches`); only the main process writes the run directory.
+
+``python -m kalm.train`` is the command line of a training run (:mod:`kalm.launch`).
 """
 
 from __future__ import annotations
@@ -520,3 +524,9 @@ class Trainer:
         bar.close()
         self.peft_model.eval()
         return self.peft_model
+
+
+if __name__ == "__main__":  # `python -m kalm.train`: the command line lives above the trainer
+    from kalm.launch import main
+
+    raise SystemExit(main())
