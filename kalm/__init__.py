@@ -21,6 +21,7 @@ _SUBMODULES = (
     "execute",
     "experiment",
     "flops",
+    "launch",
     "losses",
     "models",
     "paper",

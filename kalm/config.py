@@ -34,7 +34,10 @@ __all__ = [
     "TrainConfig",
     "config_path",
     "load_config",
+    "local_model",
+    "parameter_count",
     "resolve",
+    "weight_files",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,14 +50,32 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model's weights come from and which profile it runs by default."""
+    """Where a model's weights come from and which profile it runs by default.
+
+    ``source`` is "gguf-package" (a GGUF file inside a pip package), "hub" (``hub_id`` is a
+    hub repository, read from the Hugging Face cache first, or a directory) or "local" (a model
+    directory named instead of an alias; ``hub_id`` holds its resolved path).
+    The spec is part of the run key, so the fields of existing specs never change.
+    """
 
     alias: str
-    source: str  # "gguf-package" (a GGUF file inside a pip package) or "hub" (hub id / local dir)
+    source: str
     default_profile: str
     hub_id: str = ""
     package: str = ""
     file: str = ""
+
+    @property
+    def store_name(self) -> str:
+        """The model's part of run-store directory names.
+
+        A configured model is named by its alias. A local directory is named by its own name
+        and a digest of its resolved path: two directories called ``Llama-2-7b-hf`` in
+        different places hold different weights and must not share the untuned model's caches.
+        """
+        if self.source != "local":
+            return self.alias
+        return f"{self.alias}-{hashlib.sha256(self.hub_id.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)
@@ -98,11 +119,30 @@ class TrainConfig:
     precision: str = "fp32"
     # Self-negatives with gradient through the head's view (SimKGC) rather than as a constant.
     self_negative_grad: bool = False
+    # Micro-batches of `batch_size` that each process accumulates into one optimiser step: one
+    # GPU with 4 reproduces the recipe's step over 4 GPUs x 24 examples.
+    gradient_accumulation_steps: int = 1
+    # Gradient clipping by global L2 norm before each optimiser step (the recipe: 1.0); 0 = none.
+    max_grad_norm: float = 0.0
+    # Data-parallel processes the run trains on (`accelerate launch`, `torchrun`). No profile
+    # sets it: `python -m kalm.train` takes it from the launch. It is part of the run key (when
+    # not 1) because it sets the global batch, and a launch of another size refuses the run.
+    processes: int = 1
 
     @property
     def lm_examples(self) -> int:
-        """Examples per batch that also get the triple-completion loss (recipe: 4 of 24)."""
+        """Examples per micro-batch that also get the triple-completion loss (recipe: 4 of 24)."""
         return round(self.lm_fraction * self.batch_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimiser step over all processes and accumulated micro-batches.
+
+        Steps, epochs and the learning-rate schedule count in these; in-batch negatives come
+        from one micro-batch of ``batch_size`` (or, with ``gather_negatives``, from the
+        micro-batches of all processes at once).
+        """
+        return self.batch_size * self.gradient_accumulation_steps * self.processes
 
 
 @dataclass(frozen=True)
@@ -160,9 +200,22 @@ class Config:
     profiles: Mapping[str, Mapping[str, Any]]
     path: Path  # the file it was read from, named in errors about its values
 
-    def model(self, alias: str) -> ModelSpec:
-        """The spec of a model alias; an unknown alias lists the valid ones."""
-        return self.models[_choose(alias, self.models, "model")]
+    def model(self, name: str | Path) -> ModelSpec:
+        """The spec of a model alias or of a local model directory (one holding
+        ``config.json``, as ``save_pretrained`` writes it); an alias wins over a directory of
+        the same name. An unknown name lists the aliases and says what a directory needs."""
+        key = str(name).lower().replace("-", "")
+        aliases = {a.lower().replace("-", ""): a for a in self.models}
+        if isinstance(name, str) and key in aliases:
+            return self.models[aliases[key]]
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return local_model(path)
+        missing = f" ({path} does not exist)" if any(c in str(name) for c in "/\\~.") else ""
+        raise ConfigError(
+            f"unknown model {str(name)!r}; valid models: {', '.join(self.models)}, or a local "
+            f"directory holding config.json and the weights{missing}"
+        )
 
 
 @dataclass(frozen=True)
@@ -199,6 +252,88 @@ class RunConfig:
 def config_path() -> Path:
     """The experiment configuration: ``KALM_CONFIG``, else the repository's ``_config.yml``."""
     return Path(os.environ.get("KALM_CONFIG", REPO_ROOT / "_config.yml"))
+
+
+# --- local model directories ---------------------------------------------------------------------
+
+LARGE_MODEL = 1_000_000_000
+"""Parameters above which a local model defaults to the ``paper`` profile (else ``cpu``)."""
+
+_BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a model directory: safetensors if there are any, else PyTorch
+    ``.bin`` files; a sharded checkpoint must hold every shard its index lists."""
+    for suffix in ("safetensors", "bin"):
+        files = sorted(directory.glob(f"*.{suffix}"))
+        index = next(iter(directory.glob(f"*.{suffix}.index.json")), None)
+        if index is not None:
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError):
+                return []
+            if not all((directory / shard).is_file() for shard in shards):
+                return []
+        if files:
+            return files
+    return []
+
+
+def _safetensors_parameters(path: Path) -> int:
+    """Elements of every tensor of a safetensors file, read from its JSON header alone."""
+    with path.open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+
+
+def parameter_count(directory: Path) -> int:
+    """Parameters of the model in ``directory`` without loading it.
+
+    Safetensors headers give the exact count in milliseconds (building the model on the meta
+    device takes seconds for 7B parameters); ``.bin`` weights are estimated from their size and
+    the ``torch_dtype`` of ``config.json``.
+    """
+    files = weight_files(directory)
+    if files and files[0].suffix == ".safetensors":
+        return sum(_safetensors_parameters(f) for f in files)
+    config = json.loads((directory / "config.json").read_text())
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return sum(f.stat().st_size for f in files) // _BYTES_PER_ELEMENT.get(str(dtype), 4)
+
+
+def local_model(directory: Path) -> ModelSpec:
+    """The spec of a model directory: named after it, identified by its resolved path, with
+    the ``paper`` profile by default above :data:`LARGE_MODEL` parameters, else ``cpu``.
+
+    The resolved path (not a hash of the weights, which would read gigabytes on every resolve)
+    makes the run key: the same directory finds its runs again, another one trains its own. A
+    model replaced in place keeps its key, so retrain its runs (``--retrain``).
+    """
+    path = directory.expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{path} holds no config.json, so it is not a model directory; pass the directory "
+            "that save_pretrained wrote (config.json, weights, tokenizer files)"
+        )
+    if not weight_files(path):
+        raise ConfigError(
+            f"{path} holds config.json but no complete set of weights (*.safetensors or *.bin, "
+            "every shard of a sharded checkpoint); copy the weights into it"
+        )
+    try:
+        large = parameter_count(path) > LARGE_MODEL
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{path}: cannot read the size of the weights ({type(err).__name__}: {err}); the "
+            "files look damaged, download them again"
+        ) from err
+    return ModelSpec(
+        alias=path.name,
+        source="local",
+        default_profile="paper" if large else "cpu",
+        hub_id=str(path),
+    )
 
 
 def _choose(
@@ -343,6 +478,9 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "warmup_steps": Range(0),
         "precision": OneOf(("fp32", "bf16")),
         "self_negative_grad": _FLAG,
+        "gradient_accumulation_steps": _COUNT,
+        "max_grad_norm": Range(0, note="0 = no clipping"),
+        "processes": _COUNT,
         # eval
         "test_queries": _all("every test triple"),
         "valid_queries": _all("every validation triple"),
@@ -493,7 +631,7 @@ def load_config(path: str | Path | None = None) -> Config:
 
 
 def resolve(
-    model: str | None = None,
+    model: str | Path | None = None,
     dataset: str | None = None,
     profile: str = "auto",
     seed: int = 0,
@@ -502,16 +640,17 @@ def resolve(
 ) -> RunConfig:
     """Resolve notebook parameters into a :class:`RunConfig`.
 
-    ``model`` defaults to the configuration's ``default_model`` and ``dataset`` to the first of
-    its ``datasets``. ``profile="auto"`` takes ``KALM_PROFILE`` from the environment if set, else
-    the model's default profile. ``overrides`` may name any field of :class:`TrainConfig` or
-    :class:`EvalConfig` (e.g. ``lam=0.1``); ``None`` values are ignored so notebooks can pass
-    optional parameters. Every value is checked against :data:`RULES`; an error says whether the
-    value came from an override or from the configuration file's profile (and whether
-    ``KALM_PROFILE`` chose it).
+    ``model`` is an alias of the configuration or a local model directory (see
+    :meth:`Config.model`); it defaults to the configuration's ``default_model``, and ``dataset``
+    to the first of its ``datasets``. ``profile="auto"`` takes ``KALM_PROFILE`` from the
+    environment if set, else the model's default profile. ``overrides`` may name any field of
+    :class:`TrainConfig` or :class:`EvalConfig` (e.g. ``lam=0.1``); ``None`` values are ignored
+    so notebooks can pass optional parameters. Every value is checked against :data:`RULES`; an
+    error says whether the value came from an override or from the configuration file's profile
+    (and whether ``KALM_PROFILE`` chose it).
     """
     config = config or load_config()
-    spec = config.model(model or config.default_model)
+    spec = config.model(model or config.default_model)  # an alias or a local directory
     dataset = _choose(dataset or config.datasets[0], config.datasets, "dataset")
     env_profile = os.environ.get("KALM_PROFILE") if profile == "auto" else None
     if profile == "auto":

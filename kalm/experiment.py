@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -27,7 +26,7 @@ from kalm.data import load_kg
 from kalm.durable import RunStoreError, lock_directory
 from kalm.models import load_model
 from kalm.runs import RETRAIN, Run
-from kalm.train import Trainer
+from kalm.train import Trainer, check_processes, process_state
 
 __all__ = [
     "NOTEBOOK_PARAMETERS",
@@ -77,26 +76,38 @@ def train_or_load(
     :class:`~kalm.durable.RunStoreError` and is retrained only on request: ``retrain=True``
     discards the run and trains it again. ``retrain=None`` follows the notebook parameter
     ``retrain`` (see :func:`notebook_config`), which retrains each run once per process.
+
+    Under ``accelerate launch`` or ``torchrun`` every process calls this with the same ``cfg``
+    (whose ``train.processes`` must match the launch). The main process alone locks the run,
+    discards it on ``retrain`` and writes every file; the others wait for it at a barrier
+    before they read the run, and again before anyone returns, so the adapter is there for
+    all of them.
     """
     run = Run.trained(cfg)
     if retrain is None:
         retrain = _session["retrain"] and run.path not in _retrained
-    # Under `accelerate launch` the processes of one training share the run; the first one locks
-    # it for all (the others waiting for the lock would block the first one's collectives).
-    first = int(os.environ.get("RANK", "0")) == 0
+    state = process_state()
+    main = state.is_main_process
     lock = lock_directory(run.path, timeout=wait, purpose=f"train or load {run.path.name}")
-    with lock if first else contextlib.nullcontext():
-        if retrain:
+    # The others do not take the lock: waiting for it, they would block the collectives of
+    # the main process's training.
+    with lock if main else contextlib.nullcontext():
+        if retrain and main:
             run.discard()
+        if retrain:
             _retrained.add(run.path)
+        state.wait_for_everyone()
         record = run.completion()
+        if record is None:
+            check_processes(cfg.train, state.num_processes)  # before minutes of loading
         model, tokenizer = _load(cfg)
         if record is not None:
             return _load_adapter(model, run), tokenizer, run
-        run.save_config(cfg)
+        if main:
+            run.save_config(cfg)
         trainer = Trainer(model, tokenizer, load_kg(cfg.dataset), cfg, run)
         tuned = trainer.fit(progress=progress)
-        if trainer.accelerator.is_main_process:
+        if main:
             tuned.save_pretrained(run.adapter_dir)
             sessions = trainer.sessions()
             run.save_done(
@@ -107,6 +118,7 @@ def train_or_load(
                     "sessions": sessions,
                 }
             )
+        state.wait_for_everyone()
     return tuned, tokenizer, run
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import shutil
 import tempfile
 import warnings
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.config import ModelSpec, load_config
+from kalm.config import ModelSpec, load_config, local_model, weight_files
 from kalm.data.files import user_cache
 from kalm.durable import (
     RunStoreError,
@@ -52,7 +53,8 @@ __all__ = [
 
 
 class ModelUnavailableError(RuntimeError):
-    """The weights of a model cannot be found locally or on the hub."""
+    """The weights of a model cannot be found locally or on the hub, or cannot be loaded as
+    asked (8 bit without a GPU or bitsandbytes)."""
 
 
 def cache_dir() -> Path:
@@ -61,8 +63,14 @@ def cache_dir() -> Path:
 
 
 def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU when there is one, else the CPU.
+
+    Under ``accelerate launch`` or ``torchrun`` each process owns the GPU of its
+    ``LOCAL_RANK``; the model must be loaded there, not on GPU 0 by every process.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # Weight dtype of the frozen base model per ``train.precision``. In bf16 the LoRA weights, the
@@ -185,29 +193,99 @@ def _convert(gguf: Path, target: Path, source: dict[str, str]) -> None:
 ModelRef = ModelSpec | str | Path
 """A model: its configuration spec, a local directory, or an alias of ``_config.yml``."""
 
+HUB_PROBE_SECONDS = 5.0
+"""How long the hub may take to answer whether it serves a model that is not in the cache."""
 
-def _resolve_source(model: ModelRef) -> tuple[str | Path, ModelSpec | None]:
-    """Where the weights of ``model`` are: a spec is used as given, a local directory as is, and
-    only an alias is looked up in the configuration."""
+
+def _spec(model: ModelRef) -> ModelSpec:
+    """The spec of ``model``: a spec as given, a :class:`~pathlib.Path` as a local directory
+    (without reading the configuration), a string as an alias or a directory."""
     if isinstance(model, ModelSpec):
-        spec = model
-    elif Path(model).is_dir():
-        return Path(model), None
-    else:
-        config = load_config()
-        if str(model) not in config.models and "/" in str(model):
-            return str(model), None  # a hub id (or a local path that does not exist)
-        spec = config.model(str(model))
-    if spec.source == "gguf-package":
-        return _converted_dir(spec), spec
-    return spec.hub_id, spec
+        return model
+    if isinstance(model, Path):
+        return local_model(model)
+    return load_config().model(model)
 
 
-def _tokenizer(source: str | Path, spec: ModelSpec | None) -> PreTrainedTokenizerBase:
+def _cached_snapshot(hub_id: str) -> Path | None:
+    """The complete copy of ``hub_id`` in the Hugging Face cache, or None (no network)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise _unavailable(source, spec, err) from err
+        path = Path(snapshot_download(hub_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return path if (path / "config.json").is_file() and weight_files(path) else None
+
+
+def _hub_refusal(hub_id: str) -> str | None:
+    """Why the hub will not serve ``hub_id`` now, or None if it answers for its config.json.
+
+    One request with a short timeout: left to itself, ``from_pretrained`` retries an
+    unreachable hub for most of a minute before it fails.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set, so the hub is not asked"
+    try:
+        get_hf_file_metadata(hf_hub_url(hub_id, "config.json"), timeout=HUB_PROBE_SECONDS)
+    except GatedRepoError:
+        return "the hub refuses the download: accept the model's licence on its hub page and log in"
+    except RepositoryNotFoundError:
+        return "the hub has no such repository, or it is gated and you are not logged in"
+    except Exception as err:  # connection, DNS, proxy and timeout errors of several libraries
+        return f"the hub is unreachable ({type(err).__name__}: {err})"
+    return None
+
+
+def _weights(spec: ModelSpec) -> str | Path:
+    """Where ``from_pretrained`` finds the weights of ``spec``: a local directory whenever one
+    holds them (the converted GGUF model, the user's directory, also as a configured
+    ``hub_id``, the Hugging Face cache), the hub id only if the hub answers. Anything else
+    fails at once with :func:`_unavailable`."""
+    if spec.source == "gguf-package":
+        return _converted_dir(spec)
+    path = Path(spec.hub_id).expanduser()
+    if spec.source == "local" or path.is_dir():  # a configured hub_id may name a directory
+        if not ((path / "config.json").is_file() and weight_files(path)):
+            raise ModelUnavailableError(
+                f"model {spec.alias!r}: {path} does not hold config.json and complete weights"
+            )
+        return path
+    cached = _cached_snapshot(spec.hub_id)
+    if cached is not None:
+        return cached
+    refusal = _hub_refusal(spec.hub_id)
+    if refusal is not None:
+        raise _unavailable(spec, refusal)
+    return spec.hub_id
+
+
+def _unavailable(spec: ModelSpec, reason: str) -> ModelUnavailableError:
+    """The error for hub weights that are neither cached nor downloadable, with the commands
+    that work: a local directory, or a cache filled elsewhere and read with HF_HUB_OFFLINE=1."""
+    from huggingface_hub import constants
+
+    hub_id, name = spec.hub_id, Path(spec.hub_id).name
+    return ModelUnavailableError(
+        f"cannot load weights for {spec.alias!r} (hub id {hub_id!r}): they are not in the "
+        f"Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}.\n"
+        f"Either pass a local directory holding the weights (config.json, *.safetensors, "
+        f"tokenizer files) instead of the alias:\n"
+        f"  papermill notebooks/kgc.ipynb out.ipynb -p model /path/to/{name}\n"
+        f"  python -m kalm.train --model /path/to/{name}\n"
+        f"or fill the cache where the hub is reachable (after accepting the licence: "
+        f"`hf auth login`) and read it offline:\n"
+        f"  hf download {hub_id}\n"
+        f"  HF_HUB_OFFLINE=1 papermill notebooks/kgc.ipynb out.ipynb -p model {spec.alias}"
+    )
+
+
+def _tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -215,19 +293,23 @@ def _tokenizer(source: str | Path, spec: ModelSpec | None) -> PreTrainedTokenize
 
 def load_tokenizer(model: ModelRef) -> PreTrainedTokenizerBase:
     """The tokenizer of a model; pad = EOS where the model defines no pad token."""
-    return _tokenizer(*_resolve_source(model))
+    return _tokenizer(_weights(_spec(model)))
 
 
-def _unavailable(
-    source: str | Path, spec: ModelSpec | None, err: Exception
-) -> ModelUnavailableError:
-    name = spec.alias if spec else str(source)
-    return ModelUnavailableError(
-        f"cannot load weights for {name!r} (hub id {source!r}): {type(err).__name__}. "
-        f"Either make the hub reachable (and accept the model's licence: `huggingface-cli login`), "
-        f"or download the weights and pass their local directory instead of the alias, e.g. "
-        f"`papermill notebooks/kgc.ipynb out.ipynb -p model /path/to/{Path(str(source)).name}`."
-    )
+def _check_8bit(device: torch.device) -> None:
+    """8-bit weights need bitsandbytes and a CUDA device; say which of them is missing."""
+    missing = []
+    if device.type != "cuda":
+        found = "no CUDA GPU is visible" if not torch.cuda.is_available() else f"device {device}"
+        missing.append(f"a CUDA GPU ({found})")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the package bitsandbytes (`pip install -e '.[gpu]'` in this repository)")
+    if missing:
+        raise ModelUnavailableError(
+            f"8-bit loading (train.load_in_8bit, on in profile `paper`) needs "
+            f"{' and '.join(missing)}. Without a GPU, use a smaller model or profile "
+            f"(`-p profile cpu`), or keep the weights in bf16 (`load_in_8bit=false`)."
+        )
 
 
 def load_model(
@@ -241,29 +323,33 @@ def load_model(
     :class:`~kalm.config.RunConfig` carries it), a local directory or a configuration alias.
 
     ``precision`` (``fp32`` or ``bf16``, the profile's ``train.precision``) is the dtype of the
-    weights, on CPU and GPU alike. ``load_in_8bit`` (the paper's setting) needs a GPU and
-    bitsandbytes.
+    weights, on CPU and GPU alike. The weights are looked up first (see :func:`_weights`), so a
+    missing model is reported as such before ``load_in_8bit`` (the paper's setting) checks for
+    its GPU and bitsandbytes. The model lands on ``device``, by default this process's device.
     """
     device = torch.device(device) if device is not None else default_device()
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    source, spec = _resolve_source(model)
+    spec = _spec(model)
+    source = _weights(spec)
     kwargs: dict[str, object] = {"dtype": PRECISIONS[precision]}
     if load_in_8bit:
-        if device.type != "cuda":
-            raise ModelUnavailableError("8-bit loading (profile `paper`) needs a CUDA GPU")
+        _check_8bit(device)
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": device.index or 0}
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        kwargs["device_map"] = {"": index}
     try:
         loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise _unavailable(source, spec, err) from err
+        if isinstance(source, Path):
+            raise  # a local file that cannot be read: its own message names it
+        raise _unavailable(spec, f"the download failed ({type(err).__name__}: {err})") from err
     if not load_in_8bit:
         loaded.to(device)
     loaded.eval()
-    return loaded, _tokenizer(source, spec)
+    return loaded, _tokenizer(source)
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

@@ -1,6 +1,7 @@
 """The run store: one directory per resolved configuration, so notebooks share trained adapters.
 
-``runs/<model>-<dataset>-<profile>-s<seed>-<hash>/`` holds ``config.json``, the training log,
+``runs/<model>-<dataset>-<profile>-s<seed>-<hash>/`` (``<model>`` is the alias, or a local
+directory's name and a digest of its path) holds ``config.json``, the training log,
 ``checkpoint.pt`` while training, ``adapter/`` (peft's standard format) and the completion
 record ``done.json`` once finished, metrics (``metrics/*.json``) and cached embeddings
 (``cache/*.pt``). The untuned model gets a directory of its own (``<model>-base``) for its
@@ -75,13 +76,14 @@ class Run:
     @classmethod
     def trained(cls, cfg: RunConfig) -> Run:
         """The directory of the KaLM-tuned model of ``cfg``."""
-        name = f"{_slug(cfg.model.alias)}-{cfg.dataset}-{cfg.profile}-s{cfg.seed}-{cfg.train_key()}"
+        model = _slug(cfg.model.store_name)
+        name = f"{model}-{cfg.dataset}-{cfg.profile}-s{cfg.seed}-{cfg.train_key()}"
         return cls(runs_dir() / name)
 
     @classmethod
     def base(cls, cfg: RunConfig) -> Run:
         """The directory holding caches of the untuned model of ``cfg``."""
-        return cls(runs_dir() / f"{_slug(cfg.model.alias)}-base")
+        return cls(runs_dir() / f"{_slug(cfg.model.store_name)}-base")
 
     # ------------------------------------------------------------------------- training files
     @property

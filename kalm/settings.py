@@ -21,7 +21,10 @@ __all__ = ["MEANINGS", "profile_differences"]
 MEANINGS: dict[str, str] = {
     "lr": "AdamW learning rate (cosine schedule)",
     "weight_decay": "AdamW weight decay",
-    "batch_size": "triples per batch, i.e. in-batch negatives per query",
+    "batch_size": "triples per micro-batch, i.e. in-batch negatives per query",
+    "gradient_accumulation_steps": "micro-batches accumulated per optimiser step and process",
+    "max_grad_norm": "gradient clipping by global norm (0: none)",
+    "processes": "data-parallel processes (GPUs) of the launch",
     "max_steps": "optimiser steps (0: train for the given number of epochs)",
     "epochs": "passes over the training examples when max_steps is 0",
     "lm_fraction": "share of each batch that also gets the triple-completion loss L_imp",
@@ -164,8 +167,13 @@ def _budget(run: RunConfig, sizes: dict[str, int] | None) -> str:
     t = run.train
     if t.max_steps == 0:
         return f"{t.epochs:g} epochs"
-    seen = t.max_steps * t.batch_size
-    text = f"{t.max_steps:,} steps × {t.batch_size} = {seen:,} examples"
+    seen = t.max_steps * t.global_batch_size
+    per_step = f"{t.batch_size}"
+    if t.gradient_accumulation_steps > 1:
+        per_step += f" × {t.gradient_accumulation_steps} micro-batches"
+    if t.processes > 1:
+        per_step += f" × {t.processes} processes"
+    text = f"{t.max_steps:,} steps × {per_step} = {seen:,} examples"
     if sizes is None:
         return f"{text}; share of an epoch = steps × batch / (2 × training triples)"
     return f"{text} = {seen / sizes['examples']:.1%} of one epoch ({sizes['examples']:,})"

@@ -1,30 +1,42 @@
 """The KaLM training loop: LoRA on a causal LM, ``L_exp + lam * L_imp``, exact checkpoint/resume.
 
-One code path serves CPU, one GPU and several (``accelerate launch``): the two views and the
-triple-completion prompt go through a single ``forward`` of :class:`KaLMModule`, which is what
-DDP/FSDP wrap, so gradient synchronisation sees every parameter use.
+One code path serves CPU, one GPU and several (``accelerate launch``, ``torchrun``): the two
+views and the triple-completion prompt go through a single ``forward`` of :class:`KaLMModule`,
+which is what DDP/FSDP wrap, so gradient synchronisation sees every parameter use. Each
+optimiser step takes one global batch, which every process shards the same way
+(:func:`~kalm.views.micro_batches`); only the main process writes the run directory.
+
+``python -m kalm.train`` is the command line of a training run (:mod:`kalm.launch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import pickle
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from accelerate import Accelerator, PartialState
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+)
 from peft import set_peft_model_state_dict as _set_adapter
 from torch import nn
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from kalm.config import RunConfig, TrainConfig
+from kalm.config import ConfigError, RunConfig, TrainConfig
 from kalm.data import KnowledgeGraph
 from kalm.durable import RunStoreError, append_jsonl, atomic_torch_save, atomic_write_text
 from kalm.encoder import Encoder
@@ -38,7 +50,14 @@ from kalm.losses import (
 )
 from kalm.models import decoder_of, embed_batch, mixed_precision
 from kalm.runs import RETRAIN, Run
-from kalm.views import Collator, KaLMBatch, ViewBuilder, iterate_batches, training_examples
+from kalm.views import (
+    Collator,
+    KaLMBatch,
+    ViewBuilder,
+    iterate_batches,
+    micro_batches,
+    training_examples,
+)
 
 __all__ = [
     "KaLMModule",
@@ -46,7 +65,9 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "attach_lora",
+    "check_processes",
     "gather_with_grad",
+    "process_state",
     "total_steps",
 ]
 
@@ -64,10 +85,37 @@ def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
 
 
 def total_steps(cfg: TrainConfig, num_examples: int) -> int:
-    """Optimiser steps of a run: ``max_steps`` if set, else ``epochs`` over the examples."""
+    """Optimiser steps of a run: ``max_steps`` if set, else ``epochs`` over the examples in
+    global batches (:attr:`~kalm.config.TrainConfig.global_batch_size`)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * (num_examples // cfg.batch_size)))
+    return max(1, math.ceil(cfg.epochs * (num_examples // cfg.global_batch_size)))
+
+
+def process_state() -> PartialState:
+    """This process's place in its launch (a single process without a launcher).
+
+    Created as the trainer's Accelerator is: without CUDA, accelerate joins the processes of
+    ``torchrun`` or ``accelerate launch`` (over gloo) only when told it runs on the CPU, and
+    otherwise takes every process for a lone one.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_processes(cfg: TrainConfig, processes: int) -> None:
+    """Refuse to train a run on another number of processes than ``train.processes``.
+
+    The processes set the global batch, hence the steps, the schedule and the run key; a run
+    resumed or trained on another number would silently be another run under the same name.
+    """
+    if cfg.processes != processes:
+        raise ConfigError(
+            f"the run is configured for train.processes = {cfg.processes} (a global batch of "
+            f"{cfg.global_batch_size}) but this launch has {processes} process(es). Launch it "
+            f"on {cfg.processes}: `accelerate launch --num_processes {cfg.processes} -m "
+            "kalm.train ...` or `torchrun --nproc_per_node ... -m kalm.train ...` (which sets "
+            f"processes from the launch), or set processes={processes} for another run"
+        )
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +226,16 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
             mixed_precision="bf16" if self.tcfg.precision == "bf16" else "no",
         )
+        check_processes(self.tcfg, self.accelerator.num_processes)
         torch.manual_seed(cfg.seed)
+        if getattr(model, "is_loaded_in_8bit", False):
+            # As in the recipe: frozen int8 weights, the other weights (norms, embeddings, LM
+            # head) in fp32, and inputs that carry gradients through checkpointed layers.
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=self.tcfg.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         peft_model = attach_lora(model, self.tcfg)
         if self.tcfg.gradient_checkpointing:
             peft_model.gradient_checkpointing_enable(
@@ -210,10 +267,12 @@ class Trainer:
         self.steps = total_steps(self.tcfg, len(self.examples))
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, self.tcfg.warmup_steps, self.steps)
-        self.module, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.module, optimizer, scheduler
+        # The schedule counts optimiser steps of the global batch. It is not handed to
+        # accelerate, whose wrapper would step it once per process at every optimiser step.
+        self.scheduler = get_cosine_schedule_with_warmup(
+            optimizer, self.tcfg.warmup_steps, self.steps
         )
+        self.module, self.optimizer = self.accelerator.prepare(self.module, optimizer)
         self.encoder = Encoder(self.peft_model, self.views)
         self.step_count = 0
         self.diagnostics: dict[str, float] = {}
@@ -268,13 +327,13 @@ class Trainer:
                     extra = self.encoder.embed(heads)
             extra_mask = b.self_negative_mask
         if self.tcfg.gather_negatives:
+            # Every process's rows, in rank order: the micro-batches of one step, each once.
             hr_emb, t_emb = gather_with_grad(hr_emb), gather_with_grad(t_emb)
             fn_mask = self._global_mask(batch.tails, batch.known, fn_mask)
-            extra, extra_mask = (
-                (None, None)
-                if extra is None
-                else (gather_with_grad(extra), gather_with_grad(extra_mask))
-            )
+            if extra is not None and extra_mask is not None:
+                # A constant head view is gathered without gradient, a trained one with it.
+                extra = gather_with_grad(extra) if trained_heads else self._gather(extra)
+                extra_mask = self._gather(extra_mask)
         tau = torch.exp(-self.accelerator.unwrap_model(self.module).log_inv_tau)
         row_logits, col_logits = dual_view_logits(
             hr_emb,
@@ -306,27 +365,64 @@ class Trainer:
             "tau": tau,
         }
 
-    def step(self, batch: KaLMBatch) -> StepResult:
-        """One optimiser step on ``batch``: loss, backward, optimiser and schedule."""
-        t0 = time.perf_counter()
-        parts = self.loss(batch)
-        t1 = time.perf_counter()
-        self.accelerator.backward(parts["total"])
+    def step(self, batch: KaLMBatch | Sequence[KaLMBatch]) -> StepResult:
+        """One optimiser step on this process's micro-batches of a global batch (one batch, or
+        ``gradient_accumulation_steps`` of them): loss, backward, clipping, optimiser, schedule.
+
+        Each micro-batch's loss is divided by their number before its backward, so the
+        gradient is their mean; DDP averages it over the processes in the last backward (the
+        others skip that all-reduce). It is clipped to ``max_grad_norm`` when that is set. The
+        losses returned are means over micro-batches and processes, the same on every process.
+        """
+        micro = [batch] if isinstance(batch, KaLMBatch) else list(batch)
+        seconds = {"forward": 0.0, "backward": 0.0}
+        sums: dict[str, torch.Tensor] = {}
+        diagnosed: list[dict[str, float]] = []  # the self-negative diagnostics of each part
+        started = time.perf_counter()
+        for i, part in enumerate(micro):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
+                t0 = time.perf_counter()
+                parts = self.loss(part)
+                if self.diagnostics:
+                    diagnosed.append(self.diagnostics)
+                t1 = time.perf_counter()
+                self.accelerator.backward(parts["total"] / len(micro))
+            seconds["forward"] += t1 - t0
+            seconds["backward"] += time.perf_counter() - t1
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0) + value.detach() / len(micro)
         t2 = time.perf_counter()
+        if self.tcfg.max_grad_norm > 0:
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            self.accelerator.clip_grad_norm_(params, self.tcfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         self.step_count += 1
-        seconds = {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
-        return StepResult(parts, seconds, self.diagnostics)
+        seconds |= {"optimizer": t3 - t2, "total": t3 - started}
+        losses = {name: self.accelerator.reduce(value, "mean") for name, value in sums.items()}
+        diagnostics = (
+            {name: float(np.nanmean([d[name] for d in diagnosed])) for name in diagnosed[0]}
+            if diagnosed
+            else {}
+        )
+        return StepResult(losses, seconds, diagnostics)
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of every process, concatenated in rank order, without gradient (booleans are
+        sent as bytes, which every backend gathers)."""
+        flag = x.dtype == torch.bool
+        sent = x.to(self.accelerator.device, torch.uint8 if flag else x.dtype)
+        out = self.accelerator.gather(sent)
+        return out.bool() if flag else out
 
     def _global_mask(
         self, tails: torch.Tensor, known: torch.Tensor, local: torch.Tensor
     ) -> torch.Tensor:
         """False-negative mask of the gathered batch: rows of the whole world, columns likewise."""
-        all_tails = gather_with_grad(tails.to(self.accelerator.device)).cpu()
-        all_known = self.accelerator.gather(known.to(self.accelerator.device)).cpu()
+        all_tails, all_known = self._gather(tails).cpu(), self._gather(known).cpu()
         return false_negative_mask(all_tails, all_known).to(local.device)
 
     # ----------------------------------------------------------------------- checkpointing
@@ -349,15 +445,16 @@ class Trainer:
         A state whose adapter is no longer finite is never written: the last good checkpoint
         stays, and training stops with :class:`TrainingDiverged`.
         """
-        if not self.accelerator.is_main_process:
-            return
         state = self.state_dict()
+        # Checked by every process (they hold the same adapter), so all of them stop together.
         bad = [name for name, t in state["adapter"].items() if not torch.isfinite(t).all()]
         if bad:
             raise TrainingDiverged(
                 f"{self.run.path}: training diverged at step {self.step_count}: "
                 f"{len(bad)} adapter tensors (first {bad[0]}) hold NaN or inf. {_DIVERGED}"
             )
+        if not self.accelerator.is_main_process:
+            return
         state["sessions"] = self.sessions()
         atomic_torch_save(state, self.run.checkpoint_path)
 
@@ -416,16 +513,25 @@ class Trainer:
             atomic_write_text(self.run.train_log_path, text)
         end = self.steps if stop_after is None else min(self.steps, stop_after)
         batches = iterate_batches(
-            self.lengths, self.tcfg.batch_size, self.cfg.seed, self.step_count
+            self.lengths, self.tcfg.global_batch_size, self.cfg.seed, self.step_count
         )
         bar = tqdm(
-            total=self.steps, initial=self.step_count, desc="KaLM training", disable=not progress
+            total=self.steps,
+            initial=self.step_count,
+            desc="KaLM training",
+            disable=not (progress and main),
         )
         self.module.train()
         while self.step_count < end:
             _, indices = next(batches)
             started = time.perf_counter()
-            result = self.step(self.collate(indices))
+            local = micro_batches(
+                indices,
+                rank=self.accelerator.process_index,
+                processes=self.accelerator.num_processes,
+                accumulation=self.tcfg.gradient_accumulation_steps,
+            )
+            result = self.step([self.collate(part) for part in local])
             parts = {k: v.item() for k, v in result.losses.items()}
             rate = len(indices) / (time.perf_counter() - started)
             record = {
@@ -458,3 +564,9 @@ class Trainer:
         bar.close()
         self.peft_model.eval()
         return self.peft_model
+
+
+if __name__ == "__main__":  # `python -m kalm.train`: the command line lives above the trainer
+    from kalm.launch import main
+
+    raise SystemExit(main())

@@ -2,8 +2,10 @@
 
 Templates follow the released recipe (the book's Method chapter, ``book/method.md``):
 ``D_hr = "[ head, relation ]"``, ``D_t = "{ tail }"``, entity text truncated to
-``max_entity_tokens`` tokens, no BOS/EOS on the views. :class:`Collator` turns a batch of
-example indices into a :class:`KaLMBatch` of padded tensors and masks. No model code lives here.
+``max_entity_tokens`` tokens, no BOS/EOS on the views. Prompts, which the model reads as a
+language model, start as the tokenizer starts a text (:func:`prompt_ids`). :class:`Collator`
+turns a batch of example indices into a :class:`KaLMBatch` of padded tensors and masks. No
+model code lives here.
 """
 
 from __future__ import annotations
@@ -27,10 +29,42 @@ __all__ = [
     "ViewBuilder",
     "bucketed_batches",
     "iterate_batches",
+    "leading_special_ids",
+    "micro_batches",
     "pad_batch",
+    "prompt_ids",
     "split_shared_prefix",
     "training_examples",
 ]
+
+
+def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts in front of a text by default: BOS for Llama-2/3
+    and Mistral, none for SmolLM2.
+
+    Found by tokenising one text with and without special tokens, so any tokenizer answers for
+    itself. Tokens added after the text (an EOS some tokenizers append) are not included: they
+    would close a prompt before its answer.
+    """
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    found = (i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain)
+    start = next(found, None)
+    if start is None:  # the text tokenises differently after the special tokens
+        start = int(bool(full) and full[0] == tokenizer.bos_token_id)
+    return list(full[:start])
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of texts that the model reads as a language model (the triple-completion
+    prompts, KGQA prompts and perplexity text): the tokenizer's default leading special tokens
+    (:func:`leading_special_ids`), then the text.
+
+    The recipe tokenises these with the tokenizer's defaults, and a Llama model has only ever
+    seen text after a BOS; the two contrastive views alone carry no special tokens.
+    """
+    lead = leading_special_ids(tokenizer)
+    return [lead + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def training_examples(triples: np.ndarray, num_relations: int) -> np.ndarray:
@@ -109,8 +143,12 @@ class ViewBuilder:
     def completion_ids(
         self, heads: Sequence[int], relations: Sequence[int], tails: Sequence[int], max_tokens: int
     ) -> tuple[list[list[int]], list[int]]:
-        """Prompt + response (tail text + EOS) ids and the prompt lengths (loss starts there)."""
-        prompts = self._ids([self.prompt_text(h, r) for h, r in zip(heads, relations, strict=True)])
+        """Prompt + response (tail text + EOS) ids and the prompt lengths (loss starts there).
+
+        The prompt starts as the tokenizer starts a text (:func:`prompt_ids`: BOS for Llama).
+        """
+        texts = [self.prompt_text(h, r) for h, r in zip(heads, relations, strict=True)]
+        prompts = prompt_ids(self.tokenizer, texts)
         answers = self._ids([self.entity_texts[t] for t in tails])
         eos = self.tokenizer.eos_token_id
         rows, prompt_lengths = [], []
@@ -316,7 +354,12 @@ def bucketed_batches(
 def iterate_batches(
     lengths: np.ndarray, batch_size: int, seed: int, start_step: int = 0
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Endless ``(step, example indices)`` stream over epochs, resumable at any step."""
+    """Endless ``(step, example indices)`` stream over epochs, resumable at any step.
+
+    Training draws global batches (all processes, all accumulated micro-batches of a step)
+    from it, so the order of the examples depends on the seed, the epoch and the global batch
+    size only, never on the number of processes that share a batch (:func:`micro_batches`).
+    """
     per_epoch = len(lengths) // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {len(lengths)} training examples")
@@ -327,3 +370,25 @@ def iterate_batches(
         for batch in batches[offset:]:
             yield step, batch
             step += 1
+
+
+def micro_batches(
+    global_batch: np.ndarray, *, rank: int, processes: int, accumulation: int
+) -> list[np.ndarray]:
+    """The micro-batches that process ``rank`` of ``processes`` trains on in one step.
+
+    The global batch is cut into ``processes`` contiguous, disjoint shards, one per process,
+    and each shard into ``accumulation`` micro-batches: every example is trained on exactly
+    once per step. Since a bucketed global batch is sorted by length, contiguous shards also
+    keep the padding of each micro-batch low. Micro-batch ``m`` of process ``rank`` is part
+    ``rank * accumulation + m`` of the global batch, so 2 processes with one micro-batch each
+    train on the same micro-batches as one process with two.
+    """
+    parts = processes * accumulation
+    if len(global_batch) % parts:
+        raise ValueError(
+            f"a global batch of {len(global_batch)} examples does not split into {processes} "
+            f"processes x {accumulation} micro-batches"
+        )
+    shards = np.split(np.asarray(global_batch), parts)
+    return shards[rank * accumulation : (rank + 1) * accumulation]

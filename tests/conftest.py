@@ -1,5 +1,5 @@
-"""Fixtures shared by the tests: one warning-free build of the book per test session, and a
-fresh accelerate state per test."""
+"""Fixtures shared by the tests: one warning-free build of the book per test session, a tiny
+local Llama directory, and a fresh accelerate state per test."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     )
     return out / "_build" / "html"
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama with a Llama-style tokenizer (BOS before every text), saved as a
+    user's local model directory."""
+    from helpers import llama_style_tokenizer, save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), llama_style_tokenizer())
 
 
 @pytest.fixture(autouse=True)

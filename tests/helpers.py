@@ -1,4 +1,5 @@
-"""Tiny builders shared by the tests: a random Llama, a toy knowledge graph, the real tokenizer.
+"""Tiny builders shared by the tests: a random Llama, a toy knowledge graph, the real tokenizer,
+and a Llama-style tokenizer and model directory built on the spot.
 
 They keep the tests fast (no real weights) while exercising the same code paths as real runs.
 """
@@ -6,14 +7,16 @@ They keep the tests fast (no real weights) while exercising the same code paths 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.data import KnowledgeGraph
 from kalm.models import load_tokenizer
+from kalm.prompts import INSTRUCTION, PROMPT_PREAMBLE
 
 ANIMALS = ("dog", "cat", "wolf", "lion", "horse", "zebra", "eagle", "salmon")
 
@@ -22,6 +25,42 @@ ANIMALS = ("dog", "cat", "wolf", "lion", "horse", "zebra", "eagle", "salmon")
 def smollm2_tokenizer() -> PreTrainedTokenizerBase:
     """The SmolLM2 tokenizer (from the converted model cache; fast after the first conversion)."""
     return load_tokenizer("smollm2")
+
+
+def llama_style_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer that, like Llama-2's, puts BOS (``<s>``, id 1) before
+    every text and appends nothing; ``</s>`` (id 2) is its EOS and it has no pad token.
+
+    Trained in milliseconds on the prompt template and a few words, so any text (WN18RR's
+    entity descriptions included) tokenises, into bytes where no merge applies.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [PROMPT_PREAMBLE, INSTRUCTION, "### Input:", "### Response:", *ANIMALS]
+    bpe.train_from_iterator(corpus * 4, trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny_llama(directory: Path, tokenizer: PreTrainedTokenizerBase, **config: object) -> Path:
+    """A random :func:`tiny_llama` and ``tokenizer`` saved as a user's local model directory
+    (``config.json``, safetensors weights, tokenizer files)."""
+    tiny_llama(len(tokenizer), **config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def tiny_llama(

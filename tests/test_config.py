@@ -71,6 +71,9 @@ def test_paper_profile_is_the_published_recipe() -> None:
     assert (t.max_entity_tokens, t.max_prompt_tokens) == (50, 256)
     assert t.load_in_8bit and not t.learnable_tau
     assert t.max_steps == 0 and t.train_subset == 0  # the full 20 epochs on every triple
+    # 96 examples per optimiser step, as 4 GPUs x 24 (here 4 micro-batches on one GPU)
+    assert (t.gradient_accumulation_steps, t.processes, t.global_batch_size) == (4, 1, 96)
+    assert t.max_grad_norm == 1.0  # the recipe's trainer clips gradients
     assert cfg.eval.test_queries == 0 and cfg.eval.candidates == 0  # full protocol
 
 
@@ -209,6 +212,9 @@ RULE_CASES: dict[str, tuple[list, list[dict]]] = {
     "analysis_sentences": ([1], [{"analysis_sentences": 2}]),
     "precision": (["fp16", "BF16", "bfloat16"], [{"precision": "bf16"}, {"precision": "fp32"}]),
     "warmup_steps": ([-1], [{"warmup_steps": 0}]),
+    "gradient_accumulation_steps": ([0, -1], [{"gradient_accumulation_steps": 1}]),
+    "max_grad_norm": ([-0.1, math.inf, math.nan], [{"max_grad_norm": 0}]),
+    "processes": ([0, -2], [{"processes": 1}]),
     "kgqa_batch_size": ([0], [{"kgqa_batch_size": 1}]),
     "lm_batch_size": ([0, -1], [{"lm_batch_size": 1}]),
     "rank_chunk_size": ([0], [{"rank_chunk_size": 1}]),
@@ -495,14 +501,18 @@ def test_fields_at_their_default_keep_the_training_key() -> None:
     """Fields added with a default that reproduces older runs leave their key unchanged."""
     cfg = resolve(profile="smoke")
     assert cfg.train.warmup_steps == 0 and cfg.train.precision == "fp32"
-    assert not cfg.train.self_negative_grad
+    later = ("self_negative_grad", "gradient_accumulation_steps", "max_grad_norm", "processes")
+    assert [getattr(cfg.train, name) for name in later] == [False, 1, 0.0, 1]
     payload = {k: v for k, v in cfg.as_dict().items() if k != "eval"}
-    for name in ("warmup_steps", "precision", "self_negative_grad"):
+    del payload["train"]["warmup_steps"], payload["train"]["precision"]
+    for name in later:
         del payload["train"][name]
     payload["revision"] = config.TRAINING_REVISION
     blob = json.dumps(payload, sort_keys=True).encode()
     assert cfg.train_key() == hashlib.sha256(blob).hexdigest()[:12]
     assert resolve(profile="smoke", warmup_steps=3).train_key() != cfg.train_key()
+    for change in ({"gradient_accumulation_steps": 2}, {"max_grad_norm": 1.0}, {"processes": 2}):
+        assert resolve(profile="smoke", **change).train_key() != cfg.train_key()
 
 
 def test_profile_sizes_are_integers_and_lists_are_checked(tmp_path: Path) -> None:
@@ -513,3 +523,44 @@ def test_profile_sizes_are_integers_and_lists_are_checked(tmp_path: Path) -> Non
     path = write_config(tmp_path, {("profiles", "cpu", "eval", "theorem1_negatives"): ["10"]})
     with pytest.raises(ConfigError, match=r"theorem1_negatives must be a list of integers"):
         load_config(path)
+
+
+# --- local model directories -------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_profile_env")
+def test_a_local_directory_is_a_model(llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = resolve(model=str(llama_dir))
+    spec = cfg.model
+    assert (spec.alias, spec.source, spec.hub_id) == (llama_dir.name, "local", str(llama_dir))
+    assert spec.default_profile == cfg.profile == "cpu"  # a few thousand parameters
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert config.parameter_count(llama_dir) == sum(p.numel() for p in model.parameters())
+    assert resolve(model=llama_dir).train_key() == cfg.train_key()  # a Path works too
+    assert spec.store_name.startswith(f"{llama_dir.name}-") and spec.store_name != spec.alias
+
+
+@pytest.mark.usefixtures("no_profile_env")
+def test_a_large_local_model_defaults_to_the_paper_profile(tmp_path: Path) -> None:
+    """Counted from the safetensors header alone: a file that declares 1.3B parameters."""
+    (tmp_path / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [32000, 40960], "data_offsets": [0, 0]}})
+    blob = len(header).to_bytes(8, "little") + header.encode()
+    (tmp_path / "model.safetensors").write_bytes(blob)
+    assert config.parameter_count(tmp_path) == 32000 * 40960
+    assert resolve(model=str(tmp_path)).profile == "paper"
+
+
+def test_what_is_not_a_model_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"holds no config\.json, so it is not a model"):
+        resolve(model=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
+    with pytest.raises(ConfigError, match=r"no complete set of weights"):
+        resolve(model=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"unknown model .*or a local directory.*does not exist"):
+        resolve(model=str(tmp_path / "Llama-2-7b-hf"))

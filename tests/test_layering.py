@@ -1,8 +1,11 @@
 """The import layering of the library, read from the source (no imports executed).
 
 Evaluation and analysis sit beside training, below the experiment module that loads and trains
-models, and the studies (arms of short runs) above it; the run store only stores. A module
-importing upwards fails here with its line.
+models, the studies (arms of short runs) above it, and the training command line
+(``kalm.launch``) on top; the run store only stores. A module importing upwards fails here with
+its line. Imports under ``if __name__ == "__main__":`` do not count: they run only when the
+module is the program (``python -m kalm.train`` hands over to the command line that way), never
+when it is imported.
 """
 
 from __future__ import annotations
@@ -17,12 +20,44 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 # module (or package prefix) -> kalm modules it must never import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "kalm.evaluate": ("kalm.experiment", "kalm.train", "kalm.execute", "kalm.studies"),
-    "kalm.analysis": ("kalm.experiment", "kalm.train", "kalm.execute", "kalm.studies"),
-    "kalm.runs": ("kalm.experiment", "kalm.train", "kalm.models", "kalm.evaluate", "kalm.encoder"),
-    "kalm.train": ("kalm.experiment", "kalm.evaluate", "kalm.execute", "kalm.studies"),
-    "kalm.experiment": ("kalm.studies", "kalm.execute"),
-    "kalm.data": ("kalm.models", "kalm.views", "kalm.train", "kalm.evaluate", "kalm.experiment"),
+    "kalm.evaluate": (
+        "kalm.experiment",
+        "kalm.train",
+        "kalm.execute",
+        "kalm.launch",
+        "kalm.studies",
+    ),
+    "kalm.analysis": (
+        "kalm.experiment",
+        "kalm.train",
+        "kalm.execute",
+        "kalm.launch",
+        "kalm.studies",
+    ),
+    "kalm.runs": (
+        "kalm.experiment",
+        "kalm.train",
+        "kalm.models",
+        "kalm.evaluate",
+        "kalm.encoder",
+        "kalm.launch",
+    ),
+    "kalm.train": (
+        "kalm.experiment",
+        "kalm.evaluate",
+        "kalm.execute",
+        "kalm.launch",
+        "kalm.studies",
+    ),
+    "kalm.experiment": ("kalm.launch", "kalm.execute", "kalm.studies"),
+    "kalm.data": (
+        "kalm.models",
+        "kalm.views",
+        "kalm.train",
+        "kalm.evaluate",
+        "kalm.experiment",
+        "kalm.launch",
+    ),
     "kalm.config": ("kalm.",),
 }
 
@@ -32,10 +67,24 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _main_guard(node: ast.stmt) -> bool:
+    """True for ``if __name__ == "__main__":``."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )
+
+
 def kalm_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every ``kalm`` import in the file, at any depth (lazy ones too)."""
+    """(line, module) of every ``kalm`` import in the file, at any depth (lazy ones too), except
+    under a top-level ``if __name__ == "__main__":``."""
+    tree = ast.parse(path.read_text(), str(path))
+    tree.body = [node for node in tree.body if not _main_guard(node)]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("kalm")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kalm"):
@@ -63,3 +112,12 @@ def test_the_checker_sees_lazy_imports(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from kalm.experiment import train_or_load\n")
     assert (2, "kalm.experiment") in kalm_imports(source)
+
+
+def test_the_checker_skips_only_the_main_guard(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text(
+        "if __name__ == '__main__':\n    from kalm.launch import main\n"
+        "if __name__ == 'kalm.m':\n    import kalm.experiment\n"
+    )
+    assert kalm_imports(source) == [(4, "kalm.experiment")]

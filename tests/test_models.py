@@ -1,4 +1,5 @@
-"""kalm.models: loading (real SmolLM2, local directories, unreachable hub models) and embeddings.
+"""kalm.models: loading (real SmolLM2, local directories, the Hugging Face cache, unreachable hub
+models, 8 bit) and embeddings.
 
 The embedding must not depend on how a text is batched: padding side, batch size and neighbours
 all change the padded tensor, never the last real token's hidden state (book/method.md).
@@ -6,9 +7,12 @@ all change the padded tensor, never the last real token's hidden state (book/met
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import time
 from pathlib import Path
 
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
 import torch
@@ -20,10 +24,17 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from kalm import models
 from kalm.config import REPO_ROOT, ModelSpec
 from kalm.encoder import encode_ids
 from kalm.encoder import encode_texts as encode
-from kalm.models import ModelUnavailableError, decoder_of, load_model, pool_last_token
+from kalm.models import (
+    ModelUnavailableError,
+    decoder_of,
+    default_device,
+    load_model,
+    pool_last_token,
+)
 from kalm.views import pad_batch
 
 TEXTS = [
@@ -161,8 +172,30 @@ def test_unreachable_hub_model_names_hub_id_and_local_directory(offline: None) -
         load_model("llama2")
     assert time.perf_counter() - started < 5  # offline: no network attempt, no retries
     message = str(err.value)
-    assert "meta-llama/Llama-2-7b-hf" in message
+    assert "meta-llama/Llama-2-7b-hf" in message and "HF_HUB_OFFLINE is set" in message
     assert "local directory" in message and "-p model /path/to/Llama-2-7b-hf" in message
+    assert "python -m kalm.train --model /path/to/Llama-2-7b-hf" in message
+    assert "hf download meta-llama/Llama-2-7b-hf" in message
+    assert "HF_HUB_OFFLINE=1 papermill notebooks/kgc.ipynb out.ipynb -p model llama2" in message
+
+
+def test_an_unreachable_hub_is_asked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not offline, not cached: one short request to the hub fails, and nothing retries it."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def unreachable(url: str, **kwargs: object) -> None:
+        asked.append((url, kwargs.get("timeout")))
+        raise ConnectionError("Name or service not known")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("from_pretrained must not be reached")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ModelUnavailableError, match=r"(?s)the hub is unreachable.*local directory"):
+        load_model("llama2")
+    assert len(asked) == 1 and asked[0][1] == models.HUB_PROBE_SECONDS
 
 
 def test_unknown_hub_id_in_the_configuration(
@@ -173,7 +206,7 @@ def test_unknown_hub_id_in_the_configuration(
     (tmp_path / "config.yml").write_text(config)
     monkeypatch.setenv("KALM_CONFIG", str(tmp_path / "config.yml"))
     with pytest.raises(
-        ModelUnavailableError, match=r"hub id 'kalm-tests/no-such-model'.*local directory"
+        ModelUnavailableError, match=r"(?s)hub id 'kalm-tests/no-such-model'.*local directory"
     ):
         load_model("llama3")
 
@@ -206,6 +239,61 @@ def test_a_spec_is_loaded_without_reading_the_configuration(
     spec = ModelSpec(alias="tiny", source="hub", default_profile="cpu", hub_id=str(tiny_dir))
     model, tokenizer = load_model(spec, device="cpu")
     assert model.config.hidden_size == 16 and tokenizer.pad_token_id is not None
+
+
+def test_a_hub_model_in_the_cache_loads_without_the_hub(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hugging Face cache is read first: a filled cache needs no request at all."""
+    snapshot = tmp_path / "models--kalm-tests--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_hub_refusal", lambda hub_id: pytest.fail("the hub was asked"))
+    spec = ModelSpec(alias="tiny", source="hub", default_profile="cpu", hub_id="kalm-tests/tiny")
+    model, tokenizer = load_model(spec, device="cpu")
+    assert model.config.hidden_size == 16 and tokenizer.pad_token_id is not None
+
+
+def test_8_bit_needs_a_gpu_and_bitsandbytes_and_says_which_is_missing(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed = {"bitsandbytes": False}
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: (find_spec("torch") if installed["bitsandbytes"] else None)
+        if name == "bitsandbytes"
+        else find_spec(name, *a),
+    )
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model(tiny_dir, device="cpu", load_in_8bit=True)
+    assert "a CUDA GPU" in str(err.value) and "bitsandbytes" in str(err.value)
+    assert "pip install -e '.[gpu]'" in str(err.value)
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model(tiny_dir, device="cuda:0", load_in_8bit=True)
+    assert "bitsandbytes" in str(err.value) and "CUDA" not in str(err.value)
+    installed["bitsandbytes"] = True
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model(tiny_dir, device="cpu", load_in_8bit=True)
+    assert "a CUDA GPU" in str(err.value) and "bitsandbytes" not in str(err.value)
+
+
+def test_missing_weights_are_reported_before_8_bit(offline: None) -> None:
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model("llama2", device="cpu", load_in_8bit=True)
+    assert "Hugging Face cache" in str(err.value) and "CUDA" not in str(err.value)
+
+
+def test_each_process_loads_onto_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device() == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert default_device() == torch.device("cuda", 0)
 
 
 def test_decoder_of_sees_through_peft(tiny_dir: Path) -> None:

@@ -18,6 +18,7 @@ from kalm.views import (
     ViewBuilder,
     bucketed_batches,
     iterate_batches,
+    micro_batches,
     pad_batch,
     split_shared_prefix,
     training_examples,
@@ -280,3 +281,22 @@ def test_iterate_batches_walks_through_epochs() -> None:
 def test_iterate_batches_rejects_a_batch_larger_than_the_data() -> None:
     with pytest.raises(ValueError, match="batch size 8 exceeds the 5 training examples"):
         next(iterate_batches(np.ones(5, dtype=np.int64), 8, seed=0))
+
+
+@settings(max_examples=50, deadline=None)
+@given(processes=st.integers(1, 4), accumulation=st.integers(1, 4), batch=st.integers(1, 5))
+def test_micro_batches_share_a_global_batch_out(processes: int, accumulation: int, batch: int):
+    """Every process gets ``accumulation`` micro-batches of ``batch``; all of them together are
+    the global batch, each example once; process-major order."""
+    global_batch = np.random.default_rng(0).permutation(100)[: processes * accumulation * batch]
+    shares = [
+        micro_batches(global_batch, rank=r, processes=processes, accumulation=accumulation)
+        for r in range(processes)
+    ]
+    assert all(len(s) == accumulation and all(len(m) == batch for m in s) for s in shares)
+    assert np.concatenate([m for s in shares for m in s]).tolist() == global_batch.tolist()
+
+
+def test_micro_batches_refuse_an_uneven_split() -> None:
+    with pytest.raises(ValueError, match="does not split into 2 processes x 2 micro-batches"):
+        micro_batches(np.arange(6), rank=0, processes=2, accumulation=2)

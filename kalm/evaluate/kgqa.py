@@ -46,7 +46,7 @@ from kalm.data import KnowledgeGraph, sample_triples
 from kalm.models import mixed_precision
 from kalm.paper import read_resource
 from kalm.prompts import INSTRUCTION, alpaca_prompt
-from kalm.views import pad_batch
+from kalm.views import pad_batch, prompt_ids
 
 __all__ = [
     "CASE_STUDIES",
@@ -279,8 +279,10 @@ def generate(
     Prompts are sorted by length and left-padded in batches (so the new tokens of every row
     start at the same column); a batch stops as soon as every row has a newline or EOS. Returns
     the texts in the input order. Works for plain and peft models, in the model's precision.
+    A prompt starts as the tokenizer starts a text (BOS for Llama; see
+    :func:`~kalm.views.prompt_ids`).
     """
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     device = next(model.parameters()).device
     table = _newline_tokens(tokenizer)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.models import decoder_of, mixed_precision
+from kalm.views import prompt_ids
 
 __all__ = ["perplexity", "sentences"]
 
@@ -54,16 +55,17 @@ def perplexity(
 ) -> dict[str, float]:
     """Sliding-window perplexity of ``text`` (the Hugging Face perplexity guide's scheme).
 
-    The text is tokenised without special tokens and cut to its first ``max_tokens`` tokens
-    (0 = all). Windows of ``window`` tokens start every ``stride`` tokens (``batch_size``
-    windows run together); each token after the
-    first is scored once, in the first window that reaches it. The LM head is applied only at
+    The text is tokenised as the tokenizer starts a text (one BOS in front for Llama, as in
+    the guide; nothing for SmolLM2, see :func:`~kalm.views.prompt_ids`) and cut to its first
+    ``max_tokens`` tokens (0 = all). Windows of ``window`` tokens start every ``stride`` tokens
+    (``batch_size`` windows run together); each token after the first is scored once, in the
+    first window that reaches it. The LM head is applied only at
     the scored positions (hidden states come from the decoder body), which saves the
     vocabulary projection of the context tokens. Matmuls run in the model's precision, the
     cross-entropy in fp32. Returns ppl, nll (mean, nats), the number of
     scored tokens and the seconds taken.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tokenizer, [text])[0]
     if max_tokens > 0:
         ids = ids[:max_tokens]
     if len(ids) < 2:
