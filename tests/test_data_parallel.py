@@ -55,14 +55,23 @@ def _worker(rank: int, port: int, model_dir: Path, runs: Path, out) -> None:
     )
     torch.set_num_threads(1)
     kg = graph()
-    # the gathered L_exp of this process's share of the first global batch
-    cfg = resolve(model=str(model_dir), profile="smoke", processes=WORLD, gather_negatives=True)
-    model, tokenizer = load_model(cfg.model)
-    trainer = Trainer(model, tokenizer, kg, cfg, Run(runs / f"gather-{rank}"))
-    _, first = next(iterate_batches(trainer.lengths, cfg.train.global_batch_size, cfg.seed))
-    (mine,) = micro_batches(first, rank=rank, processes=WORLD, accumulation=1)
-    with torch.no_grad():
-        l_exp = float(trainer.loss(trainer.collate(mine))["l_exp"])
+    # the gathered L_exp of this process's share of the first global batch, with the heads'
+    # views as constant self-negatives and trained through (gathered with gradient)
+    l_exp = {}
+    for grad in (False, True):
+        cfg = resolve(
+            model=str(model_dir),
+            profile="smoke",
+            processes=WORLD,
+            gather_negatives=True,
+            self_negative_grad=grad,
+        )
+        model, tokenizer = load_model(cfg.model)
+        trainer = Trainer(model, tokenizer, kg, cfg, Run(runs / f"gather-{rank}-{grad}"))
+        _, first = next(iterate_batches(trainer.lengths, cfg.train.global_batch_size, cfg.seed))
+        (mine,) = micro_batches(first, rank=rank, processes=WORLD, accumulation=1)
+        with torch.no_grad():
+            l_exp[grad] = float(trainer.loss(trainer.collate(mine))["l_exp"])
 
     # two steps of a run, as `python -m kalm.train` trains it, recording the examples
     seen: list[list[int]] = []
@@ -135,7 +144,8 @@ def test_gathered_negatives_equal_one_process_on_the_whole_batch(
     with torch.no_grad():
         whole = float(trainer.loss(trainer.collate(first))["l_exp"])
     for rank in range(WORLD):
-        assert group[rank]["l_exp"] == pytest.approx(whole, abs=1e-5)
+        for grad in (False, True):  # constant or trained-through self-negatives
+            assert group[rank]["l_exp"][grad] == pytest.approx(whole, abs=1e-5)
 
 
 def test_two_processes_equal_one_process_accumulating_two_micro_batches(
