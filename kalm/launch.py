@@ -44,8 +44,8 @@ launch commands:
     torchrun --nproc_per_node 4 -m kalm.train --model llama2 --set gradient_accumulation_steps=1
   local weights instead of the hub (any directory holding config.json and the weights):
     python -m kalm.train --model /path/to/Llama-2-7b-hf
-  a few optimiser steps as a check:
-    python -m kalm.train --model /path/to/Llama-2-7b-hf --profile smoke --set max_steps=2
+  two optimiser steps of the paper's setting, as a check of the set-up (a run of its own):
+    python -m kalm.train --model llama2 --set max_steps=2
 
 The number of processes comes from the launch and enters the run key (train.processes), since
 it sets the global batch: batch_size x gradient_accumulation_steps x processes examples per
