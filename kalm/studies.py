@@ -87,12 +87,14 @@ class Arm:
 
 
 def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
-    """``cfg`` with ``changes`` and the study budget: ``study_examples // batch_size`` steps and
-    the validation sizes of the study (checked like any override)."""
+    """``cfg`` with ``changes`` and the study budget: ``study_examples`` in steps of the global
+    batch, and the validation sizes of the study (checked like any override)."""
     fields = {**dataclasses.asdict(cfg.train), **dataclasses.asdict(cfg.eval), **changes}
     fields["lora_targets"] = list(fields["lora_targets"])
     fields["theorem1_negatives"] = list(fields["theorem1_negatives"])
-    fields["max_steps"] = max(1, cfg.eval.study_examples // fields["batch_size"])
+    # Steps count global batches (accumulated micro-batches of every process).
+    per_step = fields["batch_size"] * fields["gradient_accumulation_steps"] * fields["processes"]
+    fields["max_steps"] = max(1, cfg.eval.study_examples // per_step)
     fields["valid_queries"] = cfg.eval.study_queries
     fields["candidates"] = cfg.eval.study_candidates
     return resolve(

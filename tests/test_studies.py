@@ -20,6 +20,10 @@ def test_arm_config_applies_changes_and_the_study_budget() -> None:
     assert arm.eval.valid_queries == cfg.eval.study_queries
     assert arm.eval.candidates == cfg.eval.study_candidates
     assert arm.train.lora_targets == cfg.train.lora_targets  # unchanged fields kept
+    paper = resolve(profile="paper")  # 4 accumulated micro-batches per step
+    assert arm_config(paper, {}).train.max_steps == (
+        paper.eval.study_examples // paper.train.global_batch_size
+    )
     same = arm_config(cfg, {"batch_size": 64})
     assert same.train.max_steps * 64 == arm.train.max_steps * 32  # equal examples seen
 
