@@ -154,11 +154,12 @@ def evaluate_arm(
     ``language``: WikiText-103 perplexity (and its ratio to the untuned model's) and KGQA
     tail-prediction accuracy on validation triples. Cached in the arm's run directory.
     """
-    tuned, tokenizer, run = train_or_load(cfg, progress=progress)
     name = Run.metric_name("study", cfg, "valid") + ("-language" if language else "")
-    cached = run.load_metrics(name)
-    if cached is not None:
+    finished = Run.trained(cfg)
+    cached = finished.load_metrics(name) if finished.completion() is not None else None
+    if cached is not None:  # a rerun of a study loads no model
         return cached
+    tuned, tokenizer, run = train_or_load(cfg, progress=progress)
     kg = load_kg(cfg.dataset)
     encoder = Encoder.from_config(tuned, ViewBuilder.from_config(kg, tokenizer, cfg), cfg)
     result = evaluate_kgc(encoder, cfg, run, split="valid", progress=progress)
