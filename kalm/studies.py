@@ -24,10 +24,12 @@ import pandas as pd
 from kalm.analysis import head_outranks_gold
 from kalm.config import RunConfig, resolve
 from kalm.data import load_kg, load_wikitext
+from kalm.durable import read_json
 from kalm.encoder import Encoder
 from kalm.evaluate import kgqa, lm
 from kalm.evaluate.protocol import evaluate_kgc
 from kalm.experiment import load_base, train_or_load
+from kalm.results import results_dir
 from kalm.runs import Run
 from kalm.views import ViewBuilder
 
@@ -36,6 +38,7 @@ __all__ = [
     "PERPLEXITY_LIMIT",
     "STUDY_BASE",
     "TIE",
+    "TUNING_COLUMNS",
     "Arm",
     "arm_config",
     "base_language",
@@ -48,6 +51,7 @@ __all__ = [
     "tuned_settings",
     "tuning_arms",
     "tuning_choice",
+    "tuning_record",
 ]
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -254,13 +258,49 @@ def tuning_arms() -> tuple[Arm, ...]:
 
 def tuning_choice(table: pd.DataFrame) -> str:
     """The tuning rule, fixed before the runs: the best validation MRR, ties (within
-    :data:`TIE`) broken by the smaller perplexity."""
-    return choose(table, tie_break="perplexity", tolerance=TIE)
+    :data:`TIE`) broken by the smaller perplexity (relative to the untuned model's, which
+    ranks the arms as the perplexity itself does)."""
+    return choose(table, tie_break="perplexity / base", tolerance=TIE)
+
+
+TUNING_COLUMNS = ("MRR", "Hits@1", "perplexity / base", "kgqa_tail")
+"""The per-arm numbers the tuning page publishes (``"<arm>: <column>"``)."""
+
+
+def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
+    """The tuning study's per-arm numbers from the tuning page's record
+    (``<results>/tuning.json``), or None when there is none for ``cfg``'s model, profile,
+    dataset and study budget (or it lacks an arm of :func:`tuning_arms`)."""
+    path = results_dir() / "tuning.json"
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    expected = {
+        "model": cfg.model.alias,
+        "profile": cfg.profile,
+        "dataset": cfg.dataset,
+        "examples_per_arm": cfg.eval.study_examples,
+    }
+    if any(record.get(key) != value for key, value in expected.items()):
+        return None
+    try:
+        rows = {
+            arm.label: {c: float(record[f"{arm.label}: {c}"]) for c in TUNING_COLUMNS}
+            for arm in tuning_arms()
+        }
+    except KeyError:
+        return None
+    return pd.DataFrame(rows).T
 
 
 def tuned_settings(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    """The settings the tuning study chooses (runs the study, or reads its cached arms)."""
-    table, _ = run_study(cfg, tuning_arms(), language=True, progress=progress)
+    """The settings the tuning study chooses, by :func:`tuning_choice` applied to the tuning
+    page's published numbers when they exist for ``cfg`` (so the lambda study does not retrain
+    the tuning arms on a fresh run store), else to the study itself (run, or read from its
+    cached arms)."""
+    table = tuning_record(cfg)
+    if table is None:
+        table, _ = run_study(cfg, tuning_arms(), language=True, progress=progress)
     label = tuning_choice(table)
     return dict(next(arm for arm in tuning_arms() if arm.label == label).changes)
 

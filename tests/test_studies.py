@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from kalm import studies
 from kalm.config import ConfigError, resolve
+from kalm.results import publish
 from kalm.studies import Arm, arm_config, choose, lambda_arms, lambda_choice, tuning_choice
 
 
@@ -50,9 +52,9 @@ def table(rows: dict[str, dict[str, float]]) -> pd.DataFrame:
 
 def test_tuning_rule_breaks_ties_by_perplexity() -> None:
     rows = {
-        "a": {"MRR": 0.300, "perplexity": 30.0},
-        "b": {"MRR": 0.295, "perplexity": 25.0},  # tied with a (within 0.01): lower perplexity
-        "c": {"MRR": 0.200, "perplexity": 10.0},
+        "a": {"MRR": 0.300, "perplexity / base": 1.3},
+        "b": {"MRR": 0.295, "perplexity / base": 1.2},  # tied with a (within 0.01): lower ppl
+        "c": {"MRR": 0.200, "perplexity / base": 1.0},
     }
     assert tuning_choice(table(rows)) == "b"
     rows["b"]["MRR"] = 0.280  # no longer tied
@@ -75,3 +77,25 @@ def test_choose_ignores_a_missing_tie_break() -> None:
     rows = table({"a": {"MRR": 0.3, "ppl": math.nan}, "b": {"MRR": 0.3, "ppl": math.nan}})
     assert choose(rows, tie_break="ppl", tolerance=0.01) == "a"
     assert Arm("x").changes == {}
+
+
+def test_tuned_settings_apply_the_rule_to_the_tuning_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lambda study takes the tuning page's published numbers, not a retrained study."""
+    monkeypatch.setenv("KALM_RESULTS_DIR", str(tmp_path))
+    cfg = resolve(profile="cpu")
+    arms = studies.tuning_arms()
+    metrics = {
+        f"{arm.label}: {column}": (0.1 * i if column == "MRR" else 1.0)
+        for i, arm in enumerate(arms)
+        for column in studies.TUNING_COLUMNS
+    }
+    publish("tuning", cfg, {**metrics, "examples_per_arm": cfg.eval.study_examples})
+    assert studies.tuned_settings(cfg) == dict(arms[-1].changes)  # the best MRR
+    table = studies.tuning_record(cfg)
+    assert table is not None and list(table.index) == [arm.label for arm in arms]
+    # A record of another profile or budget is not this study's: it is not used.
+    assert studies.tuning_record(resolve(profile="smoke")) is None
+    publish("tuning", cfg, {**metrics, "examples_per_arm": cfg.eval.study_examples + 1})
+    assert studies.tuning_record(cfg) is None
