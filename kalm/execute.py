@@ -67,6 +67,8 @@ BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("lm", "lm"),
     Experiment("theorems", "theorems"),
     Experiment("ablation", "ablation", own_runs=True, study=True),
+    Experiment("tuning", "tuning", own_runs=True, study=True),
+    Experiment("lam", "lam", own_runs=True, study=True),
 )
 
 

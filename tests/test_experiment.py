@@ -104,7 +104,7 @@ def test_execute_retrain_trains_each_run_once(monkeypatch: pytest.MonkeyPatch) -
     }
     calls.clear()
     execute.main(["--profile", "smoke", "--retrain", "--studies"])
-    assert dict(calls) == {"ablation": True}  # arms of their own
+    assert dict(calls) == {"ablation": True, "tuning": True, "lam": True}  # arms of their own
     calls.clear()
     execute.main(["similarity", "--profile", "smoke", "--retrain"])
     assert calls == [("similarity", True)]
