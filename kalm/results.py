@@ -20,7 +20,7 @@ import pandas as pd
 from kalm.config import REPO_ROOT, RunConfig
 from kalm.durable import atomic_write_json, read_json
 
-__all__ = ["BOOK_RESULTS", "compare", "publish", "results_dir"]
+__all__ = ["BOOK_RESULTS", "compare", "labels", "publish", "results_dir"]
 
 BOOK_RESULTS = REPO_ROOT / "book" / "results"
 _LABELS = ("model", "profile", "dataset")
@@ -31,17 +31,18 @@ def results_dir() -> Path:
     return Path(os.environ.get("KALM_RESULTS_DIR", BOOK_RESULTS))
 
 
+def labels(cfg: RunConfig) -> dict[str, str]:
+    """The labels a record carries to say which run it describes (model, profile, dataset)."""
+    return {"model": cfg.model.alias, "profile": cfg.profile, "dataset": cfg.dataset}
+
+
 def publish(page: str, cfg: RunConfig, metrics: Mapping[str, float]) -> Path:
     """Write the record of ``page``: the run's labels, then ``metrics`` (finite numbers only;
     counts such as ``test_queries`` belong in ``metrics`` too)."""
     bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
     if bad:
         raise ValueError(f"{page}: metrics must be finite numbers, got {bad}")
-    record: dict[str, object] = {
-        "model": cfg.model.alias,
-        "profile": cfg.profile,
-        "dataset": cfg.dataset,
-    }
+    record: dict[str, object] = dict(labels(cfg))
     for name, value in metrics.items():
         number = float(value)
         record[name] = int(number) if isinstance(value, int) else number

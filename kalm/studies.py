@@ -29,7 +29,7 @@ from kalm.encoder import Encoder
 from kalm.evaluate import kgqa, lm
 from kalm.evaluate.protocol import evaluate_kgc
 from kalm.experiment import load_base, train_or_load
-from kalm.results import results_dir
+from kalm.results import labels, results_dir
 from kalm.runs import Run
 from kalm.views import ViewBuilder
 
@@ -275,12 +275,7 @@ def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     record = read_json(path)
-    expected = {
-        "model": cfg.model.alias,
-        "profile": cfg.profile,
-        "dataset": cfg.dataset,
-        "examples_per_arm": cfg.eval.study_examples,
-    }
+    expected = {**labels(cfg), "examples_per_arm": cfg.eval.study_examples}
     if any(record.get(key) != value for key, value in expected.items()):
         return None
     try:
