@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "NATIVE_BF16_CPU_FLAGS",
     "RULES",
     "Config",
     "ConfigError",
@@ -33,8 +34,10 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "config_path",
+    "cpu_has_native_bf16",
     "load_config",
     "local_model",
+    "native_precision",
     "parameter_count",
     "resolve",
     "weight_files",
@@ -115,7 +118,8 @@ class TrainConfig:
     checkpoint_every: int
     warmup_steps: int = 0  # linear warm-up of the cosine schedule (the recipe uses none)
     # Weights and matmuls of training and of every evaluation: "bf16" keeps the frozen base in
-    # bf16 under bf16 autocast, with LoRA weights, optimiser state and loss maths in fp32.
+    # bf16 under bf16 autocast, with LoRA weights, optimiser state and loss maths in fp32. A
+    # profile may say "auto", which `resolve` turns into `native_precision()` of this machine.
     precision: str = "fp32"
     # Self-negatives with gradient through the head's view (SimKGC) rather than as a constant.
     self_negative_grad: bool = False
@@ -476,7 +480,7 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         "load_in_8bit": _FLAG,
         "checkpoint_every": _COUNT,
         "warmup_steps": Range(0),
-        "precision": OneOf(("fp32", "bf16")),
+        "precision": OneOf(("fp32", "bf16", "auto")),
         "self_negative_grad": _FLAG,
         "gradient_accumulation_steps": _COUNT,
         "max_grad_norm": Range(0, note="0 = no clipping"),
@@ -630,6 +634,43 @@ def load_config(path: str | Path | None = None) -> Config:
     return config
 
 
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU flags (``/proc/cpuinfo``) of instructions that multiply bf16 matrices in hardware."""
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
+
+    Without either, PyTorch emulates bf16 matmuls on the CPU, which is not a little slower than
+    fp32 but orders of magnitude slower (``benchmarks/bench_peak.py`` measures both). A CPU
+    whose flags cannot be read (no ``/proc/cpuinfo``) counts as without.
+    """
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    lines = (line for line in text.splitlines() if line.startswith("flags"))
+    flags = next((line.split(":", 1)[1].split() for line in lines), [])
+    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def native_precision() -> str:
+    """What ``precision: auto`` means on this machine: ``"bf16"`` where matmuls run natively in
+    it (a CUDA GPU that supports bf16, else a CPU with :data:`NATIVE_BF16_CPU_FLAGS`), else
+    ``"fp32"``.
+
+    bf16 mixed precision is the fast path wherever the hardware has it, and agrees with fp32
+    within the book's tolerance (the reproducing chapter's bf16 check); where it is emulated,
+    fp32 is the fast path. The choice is made when a configuration is resolved, so the run key
+    records the precision a run was actually trained in.
+    """
+    import torch  # here, not at the top: reading a configuration needs no torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def resolve(
     model: str | Path | None = None,
     dataset: str | None = None,
@@ -671,6 +712,8 @@ def resolve(
         )
     prof = config.profiles[profile]
     train = {**prof["train"], **{k: v for k, v in overrides.items() if k in train_fields}}
+    if train.get("precision") == "auto":
+        train["precision"] = native_precision()
     ev = {**prof["eval"], **{k: v for k, v in overrides.items() if k in eval_fields}}
 
     def origin(section: str) -> Origin:

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.config import ModelSpec, load_config, local_model, weight_files
+from kalm.config import ModelSpec, cpu_has_native_bf16, load_config, local_model, weight_files
 from kalm.data.files import user_cache
 from kalm.durable import (
     RunStoreError,
@@ -49,6 +49,7 @@ __all__ = [
     "load_tokenizer",
     "mixed_precision",
     "pool_last_token",
+    "warn_if_emulated",
 ]
 
 
@@ -312,6 +313,22 @@ def _check_8bit(device: torch.device) -> None:
         )
 
 
+def warn_if_emulated(precision: str, device: torch.device) -> None:
+    """Warn when bf16 is asked for on a CPU that has no bf16 matmul instructions.
+
+    PyTorch then emulates every bf16 matmul, orders of magnitude slower than fp32, so a run that
+    takes minutes on a CPU with AMX takes days. ``precision: auto`` (the ``cpu`` profile's) avoids
+    this by choosing fp32 there; an explicit ``bf16`` is honoured, with this warning.
+    """
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(
+            "precision bf16 on a CPU without AMX or AVX512-BF16: bf16 matmuls are emulated and "
+            "far slower than fp32 here. Use `precision: auto` or `fp32` "
+            "(e.g. -y 'overrides: {precision: fp32}'), or a machine with native bf16.",
+            stacklevel=3,
+        )
+
+
 def load_model(
     model: ModelRef,
     *,
@@ -330,6 +347,7 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    warn_if_emulated(precision, device)
     spec = _spec(model)
     source = _weights(spec)
     kwargs: dict[str, object] = {"dtype": PRECISIONS[precision]}

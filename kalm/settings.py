@@ -130,6 +130,8 @@ def profile_differences(
             values = {
                 name: getattr(getattr(run, section), field.name) for name, run in runs.items()
             }
+            if field.name == "precision":  # what the profile says, not this machine's choice
+                values = {name: _stated_precision(config, name, v) for name, v in values.items()}
             if values[base] == values[other]:
                 continue
             if field.name not in MEANINGS:
@@ -185,6 +187,13 @@ def _test_set(run: RunConfig, sizes: dict[str, int] | None) -> str:
     if n == 0 or (sizes is not None and n >= sizes["test"]):
         return f"full ({sizes['test']:,} triples)" if sizes else "full"
     return f"a sample of {n:,}{total} (fixed seed)"
+
+
+def _stated_precision(config: Config, profile: str, resolved: str) -> str:
+    """A profile's own ``train.precision``: ``auto`` stays ``auto`` (resolved per machine, see
+    :func:`kalm.config.native_precision`), so the table does not depend on where it is built."""
+    stated = config.profiles[profile]["train"].get("precision", resolved)
+    return "auto (bf16 with native bf16 hardware, else fp32)" if stated == "auto" else resolved
 
 
 def _show(field: str, value: Any, run: RunConfig) -> str:

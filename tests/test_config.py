@@ -131,7 +131,7 @@ def test_kalm_profile_overrides_auto_but_not_an_explicit_profile(
         ({"seed": "1"}, r"seed must be of type int"),
         (
             {"precision": "fp16"},
-            r"train\.precision = 'fp16' is invalid: it must be one of fp32, bf16",
+            r"train\.precision = 'fp16' is invalid: it must be one of fp32, bf16, auto",
         ),
     ],
 )
@@ -372,6 +372,33 @@ def test_train_key_ignores_evaluation_sizes(field: str, value: int) -> None:
 def test_train_key_follows_precision() -> None:
     """bf16 training gives other weights, so its adapter is stored apart; fp32 keeps its key."""
     assert resolve(precision="bf16").train_key() != resolve(precision="fp32").train_key()
+
+
+@pytest.mark.parametrize("native", ["fp32", "bf16"])
+def test_auto_precision_is_resolved_to_the_machines(
+    monkeypatch: pytest.MonkeyPatch, native: str
+) -> None:
+    """``auto`` never reaches a run: it becomes this machine's precision, and the run key is
+    that of the precision stated outright, so a run trained in bf16 is found either way."""
+    monkeypatch.setattr(config, "native_precision", lambda: native)
+    auto = resolve(precision="auto")
+    assert auto.train.precision == native
+    assert auto.train_key() == resolve(precision=native).train_key()
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse2 avx2 fma f16c", False),
+        ("fpu avx2 avx512f avx512_bf16", True),
+        ("fpu avx2 avx512f amx_bf16 amx_tile", True),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, flags: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n")
+    assert config.cpu_has_native_bf16(cpuinfo) is native
+    assert config.cpu_has_native_bf16(tmp_path / "missing") is False
 
 
 @settings(max_examples=30, deadline=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -338,3 +339,17 @@ def test_a_damaged_converted_model_is_converted_again(
         model, _ = load_model(spec)
     assert len(conversions) == 2 and isinstance(model, PreTrainedModel)
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".smollm2")]  # no temp
+
+
+def test_bf16_on_a_cpu_without_it_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulated bf16 is a trap (orders of magnitude slower than fp32): the loader says so and
+    names the fix; with native bf16, or in fp32, or on a GPU, it says nothing."""
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match=r"without AMX or AVX512-BF16.*precision: auto"):
+        models.warn_if_emulated("bf16", torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models.warn_if_emulated("fp32", torch.device("cpu"))
+        models.warn_if_emulated("bf16", torch.device("cuda", 0))
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+        models.warn_if_emulated("bf16", torch.device("cpu"))
