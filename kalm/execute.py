@@ -36,6 +36,7 @@ __all__ = [
     "main",
     "page_config",
     "regeneration_table",
+    "training_plan",
 ]
 
 REGENERATION = REPO_ROOT / "book" / "results" / "regeneration.md"
@@ -123,6 +124,26 @@ def execute(
     return target
 
 
+def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
+    """The line announcing the run a page trains before it shows anything, or None when the run
+    store holds it finished (and ``retrain`` is off).
+
+    Papermill reports cells, not optimiser steps, so without this a regeneration from an empty
+    run store sits on one cell for hours; the line says how much training comes, in which
+    precision (``auto`` resolved for this machine), and which file to follow.
+    """
+    run = Run.trained(cfg)
+    if not retrain and run.completion() is not None:
+        return None
+    t = cfg.train
+    steps = f"{t.max_steps:,} steps of {t.global_batch_size} examples"
+    budget = steps if t.max_steps else f"{t.epochs:g} epochs"
+    return (
+        f"   trains {run.path.name}: {budget} in {t.precision}; "
+        f"progress: {run.train_log_path}"
+    )
+
+
 def regeneration_table() -> str:
     """Markdown table of the executed pages: profile, minutes and date of their papermill run
     (from the executed notebooks' own metadata), with the totals of the book and the studies.
@@ -203,10 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     retrained: set[Path] = set()
     for experiment in chosen:
-        run = Run.trained(page_config(experiment, model=args.model, profile=args.profile)).path
+        cfg = page_config(experiment, model=args.model, profile=args.profile)
+        run = Run.trained(cfg).path
         retrain = args.retrain and (experiment.own_runs or run not in retrained)
         if retrain:
             retrained.add(run)
+        plan = None if experiment.own_runs else training_plan(cfg, retrain=retrain)
+        if plan:
+            print(plan)
         execute(experiment, model=args.model, profile=args.profile, retrain=retrain)
         atomic_write_text(REGENERATION, regeneration_table())
     return 0

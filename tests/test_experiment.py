@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from kalm import execute, experiment
-from kalm.config import REPO_ROOT, ConfigError
+from kalm.config import REPO_ROOT, ConfigError, resolve
 from kalm.experiment import NOTEBOOK_PARAMETERS, notebook_config
+from kalm.runs import Run
 
 DECLARED = {
     "model": "smollm2",
@@ -87,6 +88,24 @@ def test_notebooks_declare_exactly_the_parameters_and_check_them_first(path: Pat
     assert tuple(declared) == NOTEBOOK_PARAMETERS
     assert declared["retrain"] is False and declared["overrides"] == {}
     assert "cfg = notebook_config(globals())" in "".join(cells[index + 1]["source"])
+
+
+def test_a_page_announces_the_training_it_will_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A regeneration says which run a page trains, how long and where to follow it; a run the
+    store holds finished is announced only when it is retrained."""
+    monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path))
+    cfg = resolve(profile="smoke")
+    run = Run.trained(cfg)
+    plan = execute.training_plan(cfg)
+    assert plan is not None
+    assert f"trains {run.path.name}: {cfg.train.max_steps} steps of 8 examples in fp32" in plan
+    assert str(run.train_log_path) in plan
+    assert "20 epochs in bf16" in execute.training_plan(resolve("llama2", profile="paper"))
+    monkeypatch.setattr(Run, "completion", lambda self: {"steps": cfg.train.max_steps})
+    assert execute.training_plan(cfg) is None
+    assert execute.training_plan(cfg, retrain=True) == plan
 
 
 def test_execute_retrain_trains_each_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
