@@ -24,7 +24,12 @@ import kalm.encoder as encoder_module
 from kalm.config import resolve
 from kalm.data import KnowledgeGraph, sample_triples
 from kalm.encoder import Encoder
-from kalm.evaluate.protocol import candidate_set, evaluate_kgc, query_entity_effect
+from kalm.evaluate.protocol import (
+    candidate_set,
+    entity_index,
+    evaluate_kgc,
+    query_entity_effect,
+)
 from kalm.runs import Run
 from kalm.views import ViewBuilder
 
@@ -227,12 +232,43 @@ def test_bf16_encoding_keeps_the_ranks_and_a_cache_of_its_own(
         for name, model in models.items()
     }
     names = sorted(p.name for p in (run.path / "cache").glob("entities-toy-*.pt"))
-    assert len(names) == 2 and names[0].endswith("-bfloat16.pt")  # fp32 keeps its old name
+    assert len(names) == 2 and names[0].endswith("-bfloat16.pt")  # one index per precision
     fp32, bf16 = results["float32"], results["bfloat16"]
     # Rounding can swap near-ties only: ranks move by at most a couple of places.
     for a, b in ((fp32.tail, bf16.tail), (fp32.head, bf16.head)):
         assert (a.realistic - b.realistic).abs().max() <= 2
         assert not torch.equal(a.optimistic, torch.zeros_like(a.optimistic))
+
+
+def test_an_interrupted_entity_index_resumes_at_its_first_missing_chunk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny: torch.nn.Module
+) -> None:
+    tokenizer = smollm2_tokenizer()
+    kg = toy_kg(TRAIN, VALID, TEST)
+    cfg = resolve(profile="smoke", test_queries=0, candidates=0)
+    enc, run = encoder(tiny, tokenizer, kg, cfg), Run(tmp_path)
+    candidates = np.arange(kg.num_entities)
+    whole, _ = entity_index(enc, run, candidates, progress=False, chunk=len(candidates))
+    encoded: list[int] = []
+    limit = [6]  # entities encoded before the interruption: two chunks of three
+    real = enc.encode_entities
+
+    def interruptible(ids: list[int], **kwargs: object) -> torch.Tensor:
+        if len(encoded) >= limit[0]:
+            raise KeyboardInterrupt
+        encoded.extend(ids)
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(enc, "encode_entities", interruptible)
+    with pytest.raises(KeyboardInterrupt):
+        entity_index(enc, run, candidates, progress=False, chunk=3)
+    assert len(encoded) == 6
+    encoded.clear()
+    limit[0] = len(candidates)
+    resumed, seconds = entity_index(enc, run, candidates, progress=False, chunk=3)
+    assert encoded == candidates[6:].tolist()  # the two finished chunks came from the cache
+    torch.testing.assert_close(resumed, whole)
+    assert seconds > 0
 
 
 def test_restricted_candidates_bound_the_ranks(tmp_path: Path, tiny: torch.nn.Module) -> None:
