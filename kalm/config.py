@@ -10,6 +10,7 @@ apart from the dataclasses, and a test requires a rule for every field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -638,8 +639,11 @@ NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 """CPU flags (``/proc/cpuinfo``) of instructions that multiply bf16 matrices in hardware."""
 
 
+@functools.cache
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
+
+    Read once per process: every resolved configuration and every loaded model asks.
 
     Without either, PyTorch emulates bf16 matmuls on the CPU, which is not a little slower than
     fp32 but orders of magnitude slower (``benchmarks/bench_peak.py`` measures both). A CPU
