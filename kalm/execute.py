@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kalm.config import REPO_ROOT, RunConfig, load_config, resolve
+from kalm.config import REPO_ROOT, RunConfig, cpu_has_native_bf16, load_config, resolve
 from kalm.durable import atomic_write_text
 from kalm.runs import Run
 
@@ -33,6 +33,7 @@ __all__ = [
     "REGENERATION",
     "Experiment",
     "execute",
+    "hardware",
     "main",
     "page_config",
     "regeneration_table",
@@ -41,6 +42,9 @@ __all__ = [
 
 REGENERATION = REPO_ROOT / "book" / "results" / "regeneration.md"
 """The table of how long each executed page took, included by the reproducing chapter."""
+
+EXECUTED = REPO_ROOT / "book" / "experiments"
+"""Where the executed copies of the pages go (the book renders these)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def execute(
         "retrain": retrain,
     }
     source = REPO_ROOT / "notebooks" / f"{experiment.notebook}.ipynb"
-    target = REPO_ROOT / "book" / "experiments" / f"{experiment.page}.ipynb"
+    target = EXECUTED / f"{experiment.page}.ipynb"
     # A temporary name of this process: a failed run keeps the previous executed copy, and two
     # runs of one page never write into one file.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
@@ -117,11 +121,33 @@ def execute(
             cwd=str(REPO_ROOT),
             progress_bar=True,
         )
+        record_provenance(tmp, cfg)
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
     print(f"   done in {time.perf_counter() - started:.0f} s")
     return target
+
+
+def hardware() -> str:
+    """What computed a page, in the terms that decide its speed and precision: the GPU, else the
+    CPU cores and whether they multiply bf16 natively (``precision: auto`` follows that)."""
+    import torch  # here, not at the top: the command line starts without torch
+
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        return f"{gpus} x {torch.cuda.get_device_name(0)}"
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{os.cpu_count()} CPU cores, {bf16}"
+
+
+def record_provenance(path: Path, cfg: RunConfig) -> None:
+    """Write into an executed notebook's metadata (``kalm``) the precision its runs resolved to
+    and the hardware that ran it: runs of other precisions live under other keys and give
+    somewhat different numbers, so the book says for every page which one it shows."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    nb["metadata"]["kalm"] = {"precision": cfg.train.precision, "hardware": hardware()}
+    atomic_write_text(path, json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
@@ -138,37 +164,39 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
     t = cfg.train
     steps = f"{t.max_steps:,} steps of {t.global_batch_size} examples"
     budget = steps if t.max_steps else f"{t.epochs:g} epochs"
-    return (
-        f"   trains {run.path.name}: {budget} in {t.precision}; "
-        f"progress: {run.train_log_path}"
-    )
+    return f"   trains {run.path.name}: {budget} in {t.precision}; progress: {run.train_log_path}"
 
 
-def regeneration_table() -> str:
-    """Markdown table of the executed pages: profile, minutes and date of their papermill run
-    (from the executed notebooks' own metadata), with the totals of the book and the studies.
-    A page trains its runs when the run store lacks them, so its minutes include training."""
+def regeneration_table(executed: Path = EXECUTED) -> str:
+    """Markdown table of the executed pages: profile, precision, hardware, minutes and date of
+    their papermill run (from the executed notebooks' own metadata), with the totals of the book
+    and the studies. A page trains its runs when the run store lacks them, so its minutes
+    include training; a page executed before provenance was recorded says so."""
     rows, totals = [], {False: 0.0, True: 0.0}
     for e in BOOK_EXPERIMENTS:
-        path = REPO_ROOT / "book" / "experiments" / f"{e.page}.ipynb"
+        path = executed / f"{e.page}.ipynb"
         if not path.is_file():
             continue
-        meta = json.loads(path.read_text(encoding="utf-8"))["metadata"].get("papermill", {})
+        metadata = json.loads(path.read_text(encoding="utf-8"))["metadata"]
+        meta = metadata.get("papermill", {})
+        provenance = metadata.get("kalm", {})
         minutes = float(meta.get("duration") or 0.0) / 60
         totals[e.study] += minutes
         rows.append(
             f"| {e.page} | {'make studies' if e.study else 'make book'} | "
-            f"{meta.get('parameters', {}).get('profile', '?')} | {minutes:.1f} | "
+            f"{meta.get('parameters', {}).get('profile', '?')} | "
+            f"{provenance.get('precision', 'not recorded')} | "
+            f"{provenance.get('hardware', 'not recorded')} | {minutes:.1f} | "
             f"{str(meta.get('end_time', '?'))[:10]} |"
         )
     return (
         "\n".join(
             [
-                "| page | target | profile | minutes | executed |",
-                "|---|---|---|---|---|",
+                "| page | target | profile | precision | hardware | minutes | executed |",
+                "|---|---|---|---|---|---|---|",
                 *rows,
-                f"| **all pages of `make book`** | | | **{totals[False]:.1f}** | |",
-                f"| **all pages of `make studies`** | | | **{totals[True]:.1f}** | |",
+                f"| **all pages of `make book`** | | | | | **{totals[False]:.1f}** | |",
+                f"| **all pages of `make studies`** | | | | | **{totals[True]:.1f}** | |",
             ]
         )
         + "\n"

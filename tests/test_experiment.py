@@ -130,3 +130,38 @@ def test_execute_retrain_trains_each_run_once(monkeypatch: pytest.MonkeyPatch) -
     calls.clear()
     execute.main(["kgc", "--profile", "smoke"])
     assert calls == [("kgc", False)]
+
+
+def test_executed_pages_record_their_precision_and_hardware(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each executed page carries the precision its runs resolved to and the hardware that ran
+    it, and the regeneration table shows both; a page run before they were recorded says so."""
+    papermill = {
+        "duration": 90.0,
+        "end_time": "2026-12-02T06:00:00",
+        "parameters": {"profile": "smoke"},
+    }
+    for page in ("kgc", "lm"):
+        (tmp_path / f"{page}.ipynb").write_text(
+            json.dumps({"cells": [], "metadata": {"papermill": papermill}}), encoding="utf-8"
+        )
+    monkeypatch.setattr(execute, "hardware", lambda: "2 CPU cores, no native bf16")
+    execute.record_provenance(tmp_path / "kgc.ipynb", resolve(profile="smoke"))
+    kgc = json.loads((tmp_path / "kgc.ipynb").read_text(encoding="utf-8"))
+    assert kgc["metadata"]["kalm"] == {
+        "precision": "fp32",
+        "hardware": "2 CPU cores, no native bf16",
+    }
+    rows = execute.regeneration_table(tmp_path).splitlines()
+    assert (
+        "| kgc | make book | smoke | fp32 | 2 CPU cores, no native bf16 | 1.5 | 2026-12-02 |"
+        in rows
+    )
+    assert "| lm | make book | smoke | not recorded | not recorded | 1.5 | 2026-12-02 |" in rows
+    assert "| **all pages of `make book`** | | | | | **3.0** | |" in rows
+
+
+def test_hardware_names_the_cores_and_their_bf16() -> None:
+    described = execute.hardware()
+    assert described.endswith(("native bf16", "no native bf16")) or " x " in described

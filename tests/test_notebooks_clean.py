@@ -14,11 +14,17 @@ from typing import Any
 
 import pytest
 
-from kalm.execute import BOOK_EXPERIMENTS, REGENERATION, Experiment, regeneration_table
+from kalm.execute import (
+    BOOK_EXPERIMENTS,
+    EXECUTED,
+    REGENERATION,
+    Experiment,
+    regeneration_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-EXECUTED = ROOT / "book" / "experiments"
+
 EXPERIMENTS = sorted({e.notebook for e in BOOK_EXPERIMENTS})
 PARAMETER_DEFAULTS = {"model": "smollm2", "dataset": "wn18rr", "profile": "auto"}
 
