@@ -36,6 +36,7 @@ __all__ = [
     "hardware",
     "main",
     "page_config",
+    "refresh_prose",
     "regeneration_table",
     "training_plan",
 ]
@@ -45,6 +46,9 @@ REGENERATION = REPO_ROOT / "book" / "results" / "regeneration.md"
 
 EXECUTED = REPO_ROOT / "book" / "experiments"
 """Where the executed copies of the pages go (the book renders these)."""
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+"""The source notebooks papermill executes."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def execute(
         "profile": cfg.profile,
         "retrain": retrain,
     }
-    source = REPO_ROOT / "notebooks" / f"{experiment.notebook}.ipynb"
+    source = NOTEBOOKS / f"{experiment.notebook}.ipynb"
     target = EXECUTED / f"{experiment.page}.ipynb"
     # A temporary name of this process: a failed run keeps the previous executed copy, and two
     # runs of one page never write into one file.
@@ -129,6 +133,12 @@ def execute(
     return target
 
 
+def _write_notebook(path: Path, nb: dict[str, Any]) -> None:
+    """Write an executed notebook in papermill's own format, so that rewriting a page without
+    changing it leaves its file byte for byte as it was."""
+    atomic_write_text(path, json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False))
+
+
 def hardware() -> str:
     """What computed a page, in the terms that decide its speed and precision: the GPU, else the
     CPU cores and whether they multiply bf16 natively (``precision: auto`` follows that)."""
@@ -147,7 +157,56 @@ def record_provenance(path: Path, cfg: RunConfig) -> None:
     somewhat different numbers, so the book says for every page which one it shows."""
     nb = json.loads(path.read_text(encoding="utf-8"))
     nb["metadata"]["kalm"] = {"precision": cfg.train.precision, "hardware": hardware()}
-    atomic_write_text(path, json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    _write_notebook(path, nb)
+
+
+def _text(cell: dict[str, Any]) -> str:
+    source = cell["source"]
+    return source if isinstance(source, str) else "".join(source)
+
+
+def _tags(cell: dict[str, Any]) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def refresh_prose(
+    experiment: Experiment, *, executed: Path = EXECUTED, notebooks: Path = NOTEBOOKS
+) -> Path:
+    """Give an executed page the current markdown of its source notebook, keeping every code
+    cell with its outputs, and return its path.
+
+    Papermill copies markdown cells verbatim, so when the code is unchanged this writes what
+    re-executing the page would, without the hours a study page takes to train. A page whose
+    code changed since it ran is refused with the command that re-executes it.
+    """
+    path = executed / f"{experiment.page}.ipynb"
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    source = json.loads((notebooks / f"{experiment.notebook}.ipynb").read_text(encoding="utf-8"))
+    ran = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    new = [c for c in source["cells"] if c["cell_type"] == "code"]
+    if [_text(c) for c in ran if "injected-parameters" not in _tags(c)] != [_text(c) for c in new]:
+        raise ValueError(
+            f"{path}: the code of {experiment.notebook}.ipynb changed since this page ran; "
+            f"re-execute it with `python -m kalm.execute {experiment.page}`"
+        )
+    # Each executed code cell with the injected parameters papermill put after it, if any.
+    groups: list[list[dict[str, Any]]] = []
+    for cell in ran:
+        if "injected-parameters" in _tags(cell) and groups:
+            groups[-1].append(cell)
+        else:
+            groups.append([cell])
+    prose = {c.get("id"): c for c in nb["cells"] if c["cell_type"] != "code"}
+    cells, code = [], iter(groups)
+    for cell in source["cells"]:
+        if cell["cell_type"] == "code":
+            cells.extend(next(code))
+        else:
+            old = prose.get(cell.get("id"), {})
+            cells.append({**cell, "metadata": old.get("metadata", cell.get("metadata", {}))})
+    nb["cells"] = cells
+    _write_notebook(path, nb)
+    return path
 
 
 def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
@@ -233,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         help="train every run anew (once, on the first chosen page that uses it) instead of "
         "loading it from the run store",
     )
+    parser.add_argument(
+        "--prose",
+        action="store_true",
+        help="run nothing: give the chosen executed pages (default: all) the current markdown of "
+        "their source notebooks; refused for a page whose code changed since it ran",
+    )
     args = parser.parse_args(argv)
     if args.compare is not None:
         from kalm.results import compare
@@ -250,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         for e in BOOK_EXPERIMENTS
         if e.page in args.pages or (not args.pages and e.study == args.studies)
     ]
+    if args.prose:
+        for experiment in [e for e in BOOK_EXPERIMENTS if e.page in args.pages] or BOOK_EXPERIMENTS:
+            print(f"== prose of {refresh_prose(experiment).relative_to(REPO_ROOT)}")
+        return 0
     retrained: set[Path] = set()
     for experiment in chosen:
         cfg = page_config(experiment, model=args.model, profile=args.profile)

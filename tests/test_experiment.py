@@ -165,3 +165,64 @@ def test_executed_pages_record_their_precision_and_hardware(
 def test_hardware_names_the_cores_and_their_bf16() -> None:
     described = execute.hardware()
     assert described.endswith(("native bf16", "no native bf16")) or " x " in described
+
+
+def _notebook(*cells: tuple[str, str, list[str]]) -> dict[str, Any]:
+    return {
+        "cells": [
+            {"cell_type": kind, "id": f"c{i}", "metadata": {"tags": tags}, "source": text}
+            | ({"outputs": [{"output_type": "stream", "text": "ran"}]} if kind == "code" else {})
+            for i, (kind, text, tags) in enumerate(cells)
+        ],
+        "metadata": {"papermill": {"duration": 60.0}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+
+
+def test_prose_of_an_executed_page_follows_its_source_without_a_rerun(tmp_path: Path) -> None:
+    """Markdown edits reach the executed copy with every output kept; a code edit is refused
+    with the command that re-executes the page; an unchanged page stays byte for byte."""
+    page = execute.Experiment("study", "study")
+    executed, notebooks = tmp_path / "executed", tmp_path / "notebooks"
+    executed.mkdir(), notebooks.mkdir()
+    ran = _notebook(
+        ("markdown", "# Old title", []),
+        ("code", "x = 1", ["parameters"]),
+        ("code", "x = 2", ["injected-parameters"]),
+        ("code", "print(x)", []),
+        ("markdown", "Old reading.", []),
+    )
+    (executed / "study.ipynb").write_text(json.dumps(ran), encoding="utf-8")
+    source = _notebook(
+        ("markdown", "# New title", []),
+        ("code", "x = 1", ["parameters"]),
+        ("code", "print(x)", []),
+        ("markdown", "New reading.", []),
+        ("markdown", "A new paragraph.", []),
+    )
+    for cell in source["cells"]:
+        cell.pop("outputs", None)
+    (notebooks / "study.ipynb").write_text(json.dumps(source), encoding="utf-8")
+
+    path = execute.refresh_prose(page, executed=executed, notebooks=notebooks)
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    assert [c["source"] for c in cells] == [
+        "# New title",
+        "x = 1",
+        "x = 2",
+        "print(x)",
+        "New reading.",
+        "A new paragraph.",
+    ]
+    assert [c.get("outputs") for c in cells if c["cell_type"] == "code"] == [
+        [{"output_type": "stream", "text": "ran"}]
+    ] * 3
+    before = path.read_bytes()
+    execute.refresh_prose(page, executed=executed, notebooks=notebooks)
+    assert path.read_bytes() == before
+
+    source["cells"][2]["source"] = "print(x + 1)"
+    (notebooks / "study.ipynb").write_text(json.dumps(source), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"re-execute it with `python -m kalm.execute study`"):
+        execute.refresh_prose(page, executed=executed, notebooks=notebooks)
