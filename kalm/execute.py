@@ -9,7 +9,8 @@ Without page names the experiment pages run (``make experiments``); ``--studies`
 study pages instead (``make studies``: the self-negative, tuning and lambda studies, whose many
 short runs take longer than the rest of the book). Every page writes its headline numbers to
 ``book/results/<page>.json``; ``--results-dir`` sends them elsewhere, and ``--compare DIR``
-sets the numbers of such a rerun beside the book's.
+sets the numbers of such a rerun beside the book's. ``--prose`` reruns nothing: it gives the
+executed pages the current markdown of their sources.
 """
 
 from __future__ import annotations
