@@ -216,7 +216,8 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
 
     Papermill reports cells, not optimiser steps, so without this a regeneration from an empty
     run store sits on one cell for hours; the line says how much training comes, in which
-    precision (``auto`` resolved for this machine), and which file to follow.
+    precision (``auto`` resolved for this machine), from which step a regeneration that spans
+    sessions resumes, and which file to follow.
     """
     run = Run.trained(cfg)
     if not retrain and run.completion() is not None:
@@ -224,7 +225,26 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
     t = cfg.train
     steps = f"{t.max_steps:,} steps of {t.global_batch_size} examples"
     budget = steps if t.max_steps else f"{t.epochs:g} epochs"
-    return f"   trains {run.path.name}: {budget} in {t.precision}; progress: {run.train_log_path}"
+    resume = _checkpoint_step(run) if not retrain else None
+    resuming = f", resuming at step {resume:,}" if resume else ""
+    return (
+        f"   trains {run.path.name}: {budget} in {t.precision}{resuming}; "
+        f"progress: {run.train_log_path}"
+    )
+
+
+def _checkpoint_step(run: Run) -> int | None:
+    """The step an unfinished run resumes from, or None without a readable checkpoint (training
+    itself then names the problem)."""
+    if not run.checkpoint_path.is_file():
+        return None
+    import torch
+
+    try:
+        state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=False)
+        return int(state["step"])
+    except Exception:  # an announcement never stops a regeneration
+        return None
 
 
 def regeneration_table(executed: Path = EXECUTED) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from kalm import execute, experiment
 from kalm.config import REPO_ROOT, ConfigError, resolve
@@ -103,6 +104,14 @@ def test_a_page_announces_the_training_it_will_do(
     assert f"trains {run.path.name}: {cfg.train.max_steps} steps of 8 examples in fp32" in plan
     assert str(run.train_log_path) in plan
     assert "20 epochs in bf16" in execute.training_plan(resolve("llama2", profile="paper"))
+    run.path.mkdir(parents=True)
+    torch.save({"step": 3}, run.checkpoint_path)  # a regeneration interrupted at step 3
+    assert f"examples in fp32, resuming at step 3; progress: {run.train_log_path}" in (
+        execute.training_plan(cfg) or ""
+    )
+    assert execute.training_plan(cfg, retrain=True) == plan  # retraining starts at step 0
+    run.checkpoint_path.write_bytes(b"torn")
+    assert execute.training_plan(cfg) == plan
     monkeypatch.setattr(Run, "completion", lambda self: {"steps": cfg.train.max_steps})
     assert execute.training_plan(cfg) is None
     assert execute.training_plan(cfg, retrain=True) == plan
