@@ -181,6 +181,8 @@ def refresh_prose(
     code changed since it ran is refused with the command that re-executes it.
     """
     path = executed / f"{experiment.page}.ipynb"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: run `python -m kalm.execute {experiment.page}`")
     nb = json.loads(path.read_text(encoding="utf-8"))
     source = json.loads((notebooks / f"{experiment.notebook}.ipynb").read_text(encoding="utf-8"))
     ran = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -337,9 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         if e.page in args.pages or (not args.pages and e.study == args.studies)
     ]
     if args.prose:
+        refused = 0
         for experiment in [e for e in BOOK_EXPERIMENTS if e.page in args.pages] or BOOK_EXPERIMENTS:
-            print(f"== prose of {refresh_prose(experiment).relative_to(REPO_ROOT)}")
-        return 0
+            try:
+                print(f"== prose of {refresh_prose(experiment).relative_to(REPO_ROOT)}")
+            except ValueError as err:
+                print(f"refused: {err}", file=sys.stderr)
+                refused += 1
+        return 1 if refused else 0
     retrained: set[Path] = set()
     for experiment in chosen:
         cfg = page_config(experiment, model=args.model, profile=args.profile)

@@ -235,3 +235,7 @@ def test_prose_of_an_executed_page_follows_its_source_without_a_rerun(tmp_path: 
     (notebooks / "study.ipynb").write_text(json.dumps(source), encoding="utf-8")
     with pytest.raises(ValueError, match=r"re-execute it with `python -m kalm.execute study`"):
         execute.refresh_prose(page, executed=executed, notebooks=notebooks)
+    with pytest.raises(ValueError, match=r"missing: run `python -m kalm.execute lost`"):
+        execute.refresh_prose(
+            execute.Experiment("study", "lost"), executed=executed, notebooks=notebooks
+        )
