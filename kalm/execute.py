@@ -33,6 +33,8 @@ __all__ = [
     "BOOK_EXPERIMENTS",
     "REGENERATION",
     "Experiment",
+    "cell_source",
+    "cell_tags",
     "execute",
     "hardware",
     "main",
@@ -161,12 +163,14 @@ def record_provenance(path: Path, cfg: RunConfig) -> None:
     _write_notebook(path, nb)
 
 
-def _text(cell: dict[str, Any]) -> str:
-    source = cell["source"]
-    return source if isinstance(source, str) else "".join(source)
+def cell_source(cell: dict[str, Any]) -> str:
+    """A notebook cell's text (nbformat stores it as one string or as a list of lines)."""
+    text = cell["source"]
+    return text if isinstance(text, str) else "".join(text)
 
 
-def _tags(cell: dict[str, Any]) -> list[str]:
+def cell_tags(cell: dict[str, Any]) -> list[str]:
+    """A notebook cell's tags (papermill's ``parameters`` and ``injected-parameters``)."""
     return list(cell.get("metadata", {}).get("tags", []))
 
 
@@ -185,20 +189,19 @@ def refresh_prose(
         raise ValueError(f"{path} is missing: run `python -m kalm.execute {experiment.page}`")
     nb = json.loads(path.read_text(encoding="utf-8"))
     source = json.loads((notebooks / f"{experiment.notebook}.ipynb").read_text(encoding="utf-8"))
-    ran = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    new = [c for c in source["cells"] if c["cell_type"] == "code"]
-    if [_text(c) for c in ran if "injected-parameters" not in _tags(c)] != [_text(c) for c in new]:
+    # Each executed code cell with the injected parameters papermill put after it, if any.
+    groups: list[list[dict[str, Any]]] = []
+    for cell in (c for c in nb["cells"] if c["cell_type"] == "code"):
+        if "injected-parameters" in cell_tags(cell) and groups:
+            groups[-1].append(cell)
+        else:
+            groups.append([cell])
+    new = [cell_source(c) for c in source["cells"] if c["cell_type"] == "code"]
+    if [cell_source(group[0]) for group in groups] != new:
         raise ValueError(
             f"{path}: the code of {experiment.notebook}.ipynb changed since this page ran; "
             f"re-execute it with `python -m kalm.execute {experiment.page}`"
         )
-    # Each executed code cell with the injected parameters papermill put after it, if any.
-    groups: list[list[dict[str, Any]]] = []
-    for cell in ran:
-        if "injected-parameters" in _tags(cell) and groups:
-            groups[-1].append(cell)
-        else:
-            groups.append([cell])
     prose = {c.get("id"): c for c in nb["cells"] if c["cell_type"] != "code"}
     cells, code = [], iter(groups)
     for cell in source["cells"]:
@@ -243,7 +246,8 @@ def _checkpoint_step(run: Run) -> int | None:
     import torch
 
     try:
-        state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=False)
+        # Memory-mapped: only the step is read here, the tensors stay on disk for training.
+        state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
         return int(state["step"])
     except Exception:  # an announcement never stops a regeneration
         return None

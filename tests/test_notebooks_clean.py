@@ -19,6 +19,8 @@ from kalm.execute import (
     EXECUTED,
     REGENERATION,
     Experiment,
+    cell_source,
+    cell_tags,
     regeneration_table,
 )
 
@@ -31,15 +33,6 @@ PARAMETER_DEFAULTS = {"model": "smollm2", "dataset": "wn18rr", "profile": "auto"
 
 def read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def source(cell: dict[str, Any]) -> str:
-    text = cell["source"]
-    return text if isinstance(text, str) else "".join(text)
-
-
-def tags(cell: dict[str, Any]) -> list[str]:
-    return list(cell.get("metadata", {}).get("tags", []))
 
 
 def test_every_experiment_has_a_source_notebook() -> None:
@@ -64,14 +57,14 @@ def test_source_notebook_has_no_outputs(path: Path) -> None:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_source_notebook_has_parameters_cell(path: Path) -> None:
-    cells = [c for c in read(path)["cells"] if "parameters" in tags(c)]
+    cells = [c for c in read(path)["cells"] if "parameters" in cell_tags(c)]
     assert len(cells) == 1, (
         f"{path.name}: expected one cell tagged `parameters`, found {len(cells)}"
     )
     assert cells[0]["cell_type"] == "code", f"{path.name}: the `parameters` cell must be code"
     values = {
         target.id: ast.literal_eval(node.value)
-        for node in ast.parse(source(cells[0])).body
+        for node in ast.parse(cell_source(cells[0])).body
         if isinstance(node, ast.Assign)
         for target in node.targets
         if isinstance(target, ast.Name)
@@ -110,8 +103,12 @@ def test_book_shows_a_real_executed_run(experiment: Experiment) -> None:
     ]
     assert not errors, f"{executed.name}: code cells {errors} end in an error"
 
-    ran = [(c["cell_type"], source(c)) for c in nb["cells"] if "injected-parameters" not in tags(c)]
-    src = [(c["cell_type"], source(c)) for c in read(path)["cells"]]
+    ran = [
+        (c["cell_type"], cell_source(c))
+        for c in nb["cells"]
+        if "injected-parameters" not in cell_tags(c)
+    ]
+    src = [(c["cell_type"], cell_source(c)) for c in read(path)["cells"]]
     assert ran == src, f"{executed.name} is stale: notebooks/{path.name} changed since it was run"
 
 
