@@ -78,6 +78,7 @@ BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("kgqa", "kgqa"),
     Experiment("lm", "lm"),
     Experiment("theorems", "theorems"),
+    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237"}),
     Experiment("ablation", "ablation", own_runs=True, study=True),
     Experiment("tuning", "tuning", own_runs=True, study=True),
     Experiment("lam", "lam", own_runs=True, study=True),
