@@ -4,7 +4,7 @@ One code path serves CPU, one GPU and several (``accelerate launch``, ``torchrun
 views and the triple-completion prompt go through a single ``forward`` of :class:`KaLMModule`,
 which is what DDP/FSDP wrap, so gradient synchronisation sees every parameter use. Each
 optimiser step takes one global batch, which every process shards the same way
-(:func:`~kalm.views.micro_batches`); only the main process writes the run directory.
+(:func:`~kalm.batching.micro_batches`); only the main process writes the run directory.
 
 ``python -m kalm.train`` is the command line of a training run (:mod:`kalm.launch`).
 """
@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from kalm.batching import iterate_batches, micro_batches
 from kalm.config import ConfigError, RunConfig, TrainConfig
 from kalm.data import KnowledgeGraph
 from kalm.durable import RunStoreError, append_jsonl, atomic_torch_save, atomic_write_text
@@ -50,14 +51,7 @@ from kalm.losses import (
 )
 from kalm.models import decoder_of, embed_batch, mixed_precision
 from kalm.runs import RETRAIN, Run
-from kalm.views import (
-    Collator,
-    KaLMBatch,
-    ViewBuilder,
-    iterate_batches,
-    micro_batches,
-    training_examples,
-)
+from kalm.views import Collator, KaLMBatch, ViewBuilder, training_examples
 
 __all__ = [
     "KaLMModule",
