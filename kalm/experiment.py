@@ -2,9 +2,10 @@
 
 This is the top of the library: it loads models (:mod:`kalm.models`), trains them
 (:mod:`kalm.train`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
-:class:`~kalm.runs.Run` for caches and metrics). Evaluation and analysis never import it; the
-notebooks do. The model is passed on as the configuration's :class:`~kalm.config.ModelSpec`.
-Notebooks turn their parameters into a configuration with :func:`notebook_config`.
+:class:`~kalm.runs.Run` for caches and metrics) in one call, :func:`load_encoder`. Evaluation
+and analysis never import it; the notebooks do. The model is passed on as the configuration's
+:class:`~kalm.config.ModelSpec`. Notebooks turn their parameters into a configuration with
+:func:`notebook_config`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from kalm.config import ConfigError, EvalConfig, RunConfig, TrainConfig, resolve
 from kalm.data import load_kg
 from kalm.durable import RunStoreError, lock_directory
+from kalm.encoder import Encoder
 from kalm.models import load_model
 from kalm.runs import RETRAIN, Run
 from kalm.train import Trainer, check_processes, process_state
+from kalm.views import ViewBuilder
 
 __all__ = [
     "NOTEBOOK_PARAMETERS",
     "TRAINING_WAIT",
     "load_base",
+    "load_encoder",
     "notebook_config",
     "train_or_load",
 ]
@@ -48,9 +52,13 @@ _session = {"retrain": False}
 _retrained: set[Path] = set()
 
 
-def _load(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(
+    cfg: RunConfig, precision: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return load_model(
-        cfg.model, precision=cfg.train.precision, load_in_8bit=cfg.train.load_in_8bit
+        cfg.model,
+        precision=precision or cfg.train.precision,
+        load_in_8bit=cfg.train.load_in_8bit,
     )
 
 
@@ -120,6 +128,36 @@ def train_or_load(
             )
         state.wait_for_everyone()
     return tuned, tokenizer, run
+
+
+def load_encoder(
+    cfg: RunConfig,
+    *,
+    tuned: bool = True,
+    precision: str | None = None,
+    progress: bool = True,
+) -> tuple[Encoder, Run]:
+    """The encoder of ``cfg``'s KaLM-tuned model (:func:`train_or_load`, so training it if its
+    run has not finished) or, with ``tuned=False``, of its untuned model (:func:`load_base`),
+    with the views and batch sizes of ``cfg``; and the run that holds its caches and metrics.
+
+    Every consumer of embeddings needs the same model, graph, views and batch sizes, so they
+    come from here rather than from four calls repeated by each. The model and tokenizer are
+    ``encoder.model`` and ``encoder.views.tokenizer``; the graph is ``encoder.views.kg``.
+    ``precision`` loads the weights in another precision than ``cfg.train.precision`` (the
+    same adapter on a bf16 base, say) without changing the run.
+    """
+    if tuned:
+        model, tokenizer, run = train_or_load(cfg, progress=progress)
+        if precision not in (None, cfg.train.precision):
+            del model
+            base, tokenizer = _load(cfg, precision)
+            model = _load_adapter(base, run)
+    else:
+        model, tokenizer = _load(cfg, precision)
+        run = Run.base(cfg)
+    views = ViewBuilder.from_config(load_kg(cfg.dataset), tokenizer, cfg)
+    return Encoder.from_config(model, views, cfg), run
 
 
 def _load_adapter(model: PreTrainedModel, run: Run) -> PeftModel:

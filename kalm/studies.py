@@ -25,13 +25,11 @@ from kalm.analysis import head_outranks_gold
 from kalm.config import RunConfig, resolve
 from kalm.data import load_kg, load_wikitext
 from kalm.durable import read_json
-from kalm.encoder import Encoder
 from kalm.evaluate import kgqa, lm
 from kalm.evaluate.protocol import evaluate_kgc
-from kalm.experiment import load_base, train_or_load
+from kalm.experiment import load_base, load_encoder
 from kalm.results import labels, results_dir
 from kalm.runs import Run
-from kalm.views import ViewBuilder
 
 __all__ = [
     "LAMBDAS",
@@ -163,9 +161,8 @@ def evaluate_arm(
     cached = finished.load_metrics(name) if finished.completion() is not None else None
     if cached is not None:  # a rerun of a study loads no model
         return cached
-    tuned, tokenizer, run = train_or_load(cfg, progress=progress)
-    kg = load_kg(cfg.dataset)
-    encoder = Encoder.from_config(tuned, ViewBuilder.from_config(kg, tokenizer, cfg), cfg)
+    encoder, run = load_encoder(cfg, progress=progress)
+    tuned, tokenizer = encoder.model, encoder.views.tokenizer
     result = evaluate_kgc(encoder, cfg, run, split="valid", progress=progress)
     head_wins = head_outranks_gold(encoder, result.triples, batch_size=cfg.eval.analysis_batch_size)
     log = run.train_log()
@@ -189,7 +186,7 @@ def evaluate_arm(
             **_kgqa_tail(tuned, tokenizer, cfg),
         }
     run.save_metrics(name, metrics)
-    del tuned
+    del tuned, encoder
     gc.collect()
     return metrics
 

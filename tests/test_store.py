@@ -23,6 +23,7 @@ from kalm.config import RunConfig, resolve
 from kalm.durable import RunStoreError, StoreWarning
 from kalm.runs import Run
 from kalm.train import Trainer, TrainingDiverged
+from kalm.views import ViewBuilder
 
 CFG_OVERRIDES = {"checkpoint_every": 2}
 CFG = {"profile": "smoke", **CFG_OVERRIDES}
@@ -293,3 +294,26 @@ def test_the_retrain_parameter_retrains_each_run_once(
         experiment.train_or_load(cfg, progress=False)
         assert marker.exists() is not retrained
     assert len(run.done()["sessions"]) == 1
+
+
+def test_load_encoder_hands_out_the_runs_encoder(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call gives the tuned (or untuned) model's encoder with the run's views and batch
+    sizes, and its run; ``precision`` puts the same adapter on weights of another dtype."""
+
+    def load(cfg: RunConfig, precision: str | None = None):
+        model, tokenizer = tiny_load(cfg)
+        return model.to(torch.bfloat16 if precision == "bf16" else torch.float32), tokenizer
+
+    monkeypatch.setattr(experiment, "_load", load)
+    cfg = resolve(**CFG, query_batch_size=3, entity_batch_size=5)
+    encoder, got = experiment.load_encoder(cfg, progress=False)
+    assert got.path == run.path and hasattr(encoder.model, "peft_config")
+    views = ViewBuilder.from_config(toy_kg(TRIPLES), smollm2_tokenizer(), cfg)
+    assert encoder.views.tail_ids(range(8)) == views.tail_ids(range(8))
+    assert (encoder.query_batch_size, encoder.entity_batch_size) == (3, 5)
+    assert encoder.views.kg.num_entities == 8 and encoder.dtype == torch.float32
+    bf16, _ = experiment.load_encoder(cfg, precision="bf16", progress=False)
+    assert hasattr(bf16.model, "peft_config") and bf16.dtype == torch.bfloat16
+    base, base_run = experiment.load_encoder(cfg, tuned=False, progress=False)
+    assert base_run.path == Run.base(cfg).path and not hasattr(base.model, "peft_config")
+    assert len(run.done()["sessions"]) == 1  # loaded, never retrained
