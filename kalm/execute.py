@@ -99,10 +99,13 @@ def execute(
     model: str | None = None,
     profile: str = "auto",
     retrain: bool = False,
+    results_dir: Path | None = None,
 ) -> Path:
     """Run one experiment notebook into ``book/experiments/<page>.ipynb`` and return its path.
 
     ``retrain`` is the notebook parameter: the page trains anew every run it uses.
+    ``results_dir``, when given, is injected as the parameter of that name (which
+    :func:`~kalm.experiment.notebook_config` accepts undeclared): the page publishes there.
     """
     import papermill
 
@@ -112,6 +115,7 @@ def execute(
         **experiment.parameters,
         "profile": cfg.profile,
         "retrain": retrain,
+        **({"results_dir": str(results_dir.resolve())} if results_dir is not None else {}),
     }
     source = NOTEBOOKS / f"{experiment.notebook}.ipynb"
     target = EXECUTED / f"{experiment.page}.ipynb"
@@ -336,8 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.pages) - set(pages))
     if unknown:
         parser.error(f"unknown page(s) {unknown}; valid pages: {', '.join(pages)}")
-    if args.results_dir is not None:  # the notebooks' kernels inherit the environment
-        os.environ["KALM_RESULTS_DIR"] = str(args.results_dir.resolve())
     chosen = [
         e
         for e in BOOK_EXPERIMENTS
@@ -362,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = None if experiment.own_runs else training_plan(cfg, retrain=retrain)
         if plan:
             print(plan)
-        execute(experiment, model=args.model, profile=args.profile, retrain=retrain)
+        execute(
+            experiment,
+            model=args.model,
+            profile=args.profile,
+            retrain=retrain,
+            results_dir=args.results_dir,
+        )
         atomic_write_text(REGENERATION, regeneration_table())
     return 0
 

@@ -14,7 +14,7 @@ import ast
 import contextlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.config import ConfigError, EvalConfig, RunConfig, TrainConfig, resolve
+from kalm.config import ConfigError, EvalConfig, RunConfig, Session, TrainConfig, resolve
 from kalm.data import load_kg
 from kalm.durable import RunStoreError, lock_directory
 from kalm.encoder import Encoder
@@ -32,6 +32,7 @@ from kalm.train import Trainer, check_processes, process_state
 from kalm.views import ViewBuilder
 
 __all__ = [
+    "EXECUTE_PARAMETERS",
     "NOTEBOOK_PARAMETERS",
     "TRAINING_WAIT",
     "load_base",
@@ -43,13 +44,12 @@ __all__ = [
 NOTEBOOK_PARAMETERS = ("model", "dataset", "profile", "seed", "retrain", "overrides")
 """The parameters of every experiment notebook; profile fields go into ``overrides``."""
 
+EXECUTE_PARAMETERS = ("results_dir",)
+"""Parameters that ``python -m kalm.execute`` injects into a page that declares none of them:
+settings of the session rather than of the experiment (see :class:`~kalm.config.Session`)."""
+
 TRAINING_WAIT = 24 * 3600.0
 """Seconds :func:`train_or_load` waits for another process training the same run."""
-
-# The notebook parameter `retrain` (set by notebook_config): retrain every run this process
-# loads, each once. The runs already retrained in this process are remembered.
-_session = {"retrain": False}
-_retrained: set[Path] = set()
 
 
 def _load(
@@ -82,8 +82,8 @@ def train_or_load(
     the same configuration waits (up to ``wait`` seconds) and then loads what the first trained.
     A finished run is loaded only if its files verify; a damaged one raises
     :class:`~kalm.durable.RunStoreError` and is retrained only on request: ``retrain=True``
-    discards the run and trains it again. ``retrain=None`` follows the notebook parameter
-    ``retrain`` (see :func:`notebook_config`), which retrains each run once per process.
+    discards the run and trains it again. ``retrain=None`` follows ``cfg.session`` (the notebook
+    parameter ``retrain``, see :func:`notebook_config`), which retrains each run once.
 
     Under ``accelerate launch`` or ``torchrun`` every process calls this with the same ``cfg``
     (whose ``train.processes`` must match the launch). The main process alone locks the run,
@@ -92,8 +92,9 @@ def train_or_load(
     all of them.
     """
     run = Run.trained(cfg)
+    session = cfg.session
     if retrain is None:
-        retrain = _session["retrain"] and run.path not in _retrained
+        retrain = session.retrain and run.path not in session.retrained
     state = process_state()
     main = state.is_main_process
     lock = lock_directory(run.path, timeout=wait, purpose=f"train or load {run.path.name}")
@@ -103,7 +104,7 @@ def train_or_load(
         if retrain and main:
             run.discard()
         if retrain:
-            _retrained.add(run.path)
+            session.retrained.add(run.path)
         state.wait_for_everyone()
         record = run.completion()
         if record is None:
@@ -179,12 +180,16 @@ def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
     Every experiment notebook declares exactly :data:`NOTEBOOK_PARAMETERS`; profile fields are
     changed through the ``overrides`` dict. A name papermill injected that the notebook does not
     declare (``-p batch_size 2``) would otherwise be ignored while the executed copy shows it, so
-    it is an error here, as are a non-bool ``retrain`` and ``overrides`` that is not a dict.
-    ``retrain=True`` makes every :func:`train_or_load` of this process retrain its run once.
+    it is an error here, as are a non-bool ``retrain`` and ``overrides`` that is not a dict;
+    only :data:`EXECUTE_PARAMETERS` may be injected undeclared. ``retrain`` and ``results_dir``
+    go into the configuration's :class:`~kalm.config.Session`: ``retrain=True`` makes every
+    :func:`train_or_load` of this configuration (and of the study arms derived from it) retrain
+    its run once, and ``results_dir`` is where :func:`kalm.results.publish` writes.
     """
     profile_fields = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(EvalConfig)}
-    for name in _injected(namespace.get("In", ())):
-        if name in NOTEBOOK_PARAMETERS:
+    injected = _injected(namespace.get("In", ()))
+    for name in injected:
+        if name in NOTEBOOK_PARAMETERS or name in EXECUTE_PARAMETERS:
             continue
         hint = (
             f"pass profile fields as -y 'overrides: {{{name}: {json.dumps(namespace.get(name))}}}'"
@@ -212,8 +217,8 @@ def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
         seed=namespace["seed"],
         **overrides,
     )
-    _session["retrain"] = retrain
-    return cfg
+    results_dir = Path(namespace["results_dir"]) if "results_dir" in injected else None
+    return replace(cfg, session=Session(retrain=retrain, results_dir=results_dir))
 
 
 def _injected(history: Sequence[str]) -> list[str]:

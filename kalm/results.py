@@ -4,8 +4,10 @@ Each experiment page writes a flat ``{"metric name": number}`` record, with the 
 and dataset it ran and the number of queries behind it. The records are committed with the
 executed pages, so a rerun can be compared with the book's numbers without reading notebooks:
 ``python -m kalm.execute --results-dir /tmp/rerun kgc`` then
-``python -m kalm.execute --compare /tmp/rerun``. ``KALM_RESULTS_DIR`` redirects where pages
-write (the book's directory by default).
+``python -m kalm.execute --compare /tmp/rerun``. The configuration's session
+(:class:`~kalm.config.Session`, from the notebook parameter ``results_dir`` that ``--results-dir``
+injects) or else ``KALM_RESULTS_DIR`` redirects where pages write (the book's directory by
+default).
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ BOOK_RESULTS = REPO_ROOT / "book" / "results"
 _LABELS = ("model", "profile", "dataset")
 
 
-def results_dir() -> Path:
-    """Where pages write their records: ``KALM_RESULTS_DIR``, else ``book/results``."""
+def results_dir(cfg: RunConfig | None = None) -> Path:
+    """Where pages write their records: ``cfg.session.results_dir``, else
+    ``KALM_RESULTS_DIR``, else ``book/results``."""
+    if cfg is not None and cfg.session.results_dir is not None:
+        return cfg.session.results_dir
     return Path(os.environ.get("KALM_RESULTS_DIR", BOOK_RESULTS))
 
 
@@ -46,7 +51,7 @@ def publish(page: str, cfg: RunConfig, metrics: Mapping[str, float]) -> Path:
     for name, value in metrics.items():
         number = float(value)
         record[name] = int(number) if isinstance(value, int) else number
-    path = results_dir() / f"{page}.json"
+    path = results_dir(cfg) / f"{page}.json"
     atomic_write_json(path, record)
     return path
 

@@ -99,9 +99,10 @@ def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
     fields["max_steps"] = max(1, cfg.eval.study_examples // per_step)
     fields["valid_queries"] = cfg.eval.study_queries
     fields["candidates"] = cfg.eval.study_candidates
-    return resolve(
+    arm = resolve(
         model=cfg.model.alias, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields
     )
+    return dataclasses.replace(arm, session=cfg.session)  # a retrain reaches the arms
 
 
 def base_language(cfg: RunConfig) -> dict[str, float]:
@@ -268,7 +269,7 @@ def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
     """The tuning study's per-arm numbers from the tuning page's record
     (``<results>/tuning.json``), or None when there is none for ``cfg``'s model, profile,
     dataset and study budget (or it lacks an arm of :func:`tuning_arms`)."""
-    path = results_dir() / "tuning.json"
+    path = results_dir(cfg) / "tuning.json"
     if not path.is_file():
         return None
     record = read_json(path)

@@ -280,15 +280,18 @@ def test_two_processes_of_one_configuration_train_once(store: Path) -> None:
     assert json.loads(run.done_path.read_text())["steps"] == 4
 
 
-def test_the_retrain_parameter_retrains_each_run_once(
-    run: Run, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(experiment, "_session", {"retrain": False})
-    monkeypatch.setattr(experiment, "_retrained", set())
+def test_the_retrain_parameter_retrains_each_run_once(run: Run) -> None:
+    """Once per notebook session (the configuration notebook_config returned and its copies);
+    a new session with ``retrain=True`` retrains again, one with ``retrain=False`` loads."""
     marker = run.path / "metrics" / "marker.json"
     names = {"model": "smollm2", "dataset": "wn18rr", "profile": "smoke", "seed": 0}
-    cfg = experiment.notebook_config({**names, "retrain": True, "overrides": CFG_OVERRIDES})
-    for retrained in (True, False):
+
+    def session(retrain: bool) -> RunConfig:
+        return experiment.notebook_config({**names, "retrain": retrain, "overrides": CFG_OVERRIDES})
+
+    first = session(True)
+    calls = ((first, True), (first, False), (session(False), False), (session(True), True))
+    for cfg, retrained in calls:
         marker.parent.mkdir(exist_ok=True)
         marker.write_text("{}")
         experiment.train_or_load(cfg, progress=False)
