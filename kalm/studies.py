@@ -32,18 +32,24 @@ from kalm.results import labels, results_dir
 from kalm.runs import Run
 
 __all__ = [
+    "IN_BATCH_ONLY",
     "LAMBDAS",
     "PERPLEXITY_LIMIT",
+    "SELF_NEGATIVES_CONSTANT",
+    "SELF_NEGATIVES_TRAINED",
     "STUDY_BASE",
     "TIE",
     "TUNING_COLUMNS",
     "Arm",
     "arm_config",
+    "arm_record",
     "base_language",
     "choose",
     "evaluate_arm",
     "lambda_arms",
     "lambda_choice",
+    "lambda_label",
+    "record_key",
     "run_study",
     "self_negative_arms",
     "tuned_settings",
@@ -78,6 +84,12 @@ PERPLEXITY_LIMIT = 1.10
 
 LAMBDAS = (0.0, 0.01, 0.1, 1.0)
 """The weights of ``L_imp`` the lambda study compares."""
+
+IN_BATCH_ONLY = "in-batch negatives only"
+SELF_NEGATIVES_CONSTANT = "self-negatives, constant"
+SELF_NEGATIVES_TRAINED = "self-negatives, trained through"
+"""The labels of the self-negative study's arms (:func:`self_negative_arms`), by which its page
+reads the table's rows."""
 
 
 @dataclass(frozen=True)
@@ -232,9 +244,9 @@ def self_negative_arms() -> tuple[Arm, ...]:
     """In-batch negatives only; the head's view as a constant extra negative; the same trained
     through (SimKGC). Otherwise :data:`STUDY_BASE`."""
     return (
-        Arm("in-batch negatives only", {**STUDY_BASE, "self_negatives": False}),
-        Arm("self-negatives, constant", {**STUDY_BASE, "self_negative_grad": False}),
-        Arm("self-negatives, trained through", dict(STUDY_BASE)),
+        Arm(IN_BATCH_ONLY, {**STUDY_BASE, "self_negatives": False}),
+        Arm(SELF_NEGATIVES_CONSTANT, {**STUDY_BASE, "self_negative_grad": False}),
+        Arm(SELF_NEGATIVES_TRAINED, dict(STUDY_BASE)),
     )
 
 
@@ -262,7 +274,22 @@ def tuning_choice(table: pd.DataFrame) -> str:
 
 
 TUNING_COLUMNS = ("MRR", "Hits@1", "perplexity / base", "kgqa_tail")
-"""The per-arm numbers the tuning page publishes (``"<arm>: <column>"``)."""
+"""The per-arm numbers the tuning page publishes (:func:`record_key`)."""
+
+
+def record_key(label: str, column: str) -> str:
+    """The key of one arm's number in a study page's record: ``"<arm label>: <column>"``."""
+    return f"{label}: {column}"
+
+
+def arm_record(table: pd.DataFrame, columns: Sequence[str]) -> dict[str, float]:
+    """The numbers of ``columns`` for every arm of a study table (:func:`run_study`), keyed by
+    :func:`record_key`: what a study page publishes per arm."""
+    return {
+        record_key(str(label), column): float(table.loc[label, column])
+        for label in table.index
+        for column in columns
+    }
 
 
 def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
@@ -278,7 +305,7 @@ def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
         return None
     try:
         rows = {
-            arm.label: {c: float(record[f"{arm.label}: {c}"]) for c in TUNING_COLUMNS}
+            arm.label: {c: float(record[record_key(arm.label, c)]) for c in TUNING_COLUMNS}
             for arm in tuning_arms()
         }
     except KeyError:
@@ -298,9 +325,14 @@ def tuned_settings(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     return dict(next(arm for arm in tuning_arms() if arm.label == label).changes)
 
 
+def lambda_label(lam: float) -> str:
+    """The label of the lambda study's arm of weight ``lam`` (``λ = 0.01``)."""
+    return f"λ = {lam:g}"
+
+
 def lambda_arms(tuned: Mapping[str, Any]) -> tuple[Arm, ...]:
     """The tuned settings at each weight of :data:`LAMBDAS`."""
-    return tuple(Arm(f"λ = {lam:g}", {**tuned, "lam": lam}) for lam in LAMBDAS)
+    return tuple(Arm(lambda_label(lam), {**tuned, "lam": lam}) for lam in LAMBDAS)
 
 
 def lambda_choice(table: pd.DataFrame) -> str:
