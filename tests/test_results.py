@@ -11,7 +11,7 @@ import pytest
 
 from kalm import execute
 from kalm.config import Session, resolve
-from kalm.results import compare, glue_name, publish, report
+from kalm.results import BOOK_RESULTS, compare, glue_name, publish, report
 
 
 def test_publish_writes_a_flat_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,8 +47,26 @@ def test_compare_sets_a_rerun_beside_the_book(tmp_path: Path) -> None:
 
 
 def test_execute_compare_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A rerun's record beside the book's: one line per metric, the changed one with its
+    difference; an empty rerun directory says so."""
     assert execute.main(["--compare", str(tmp_path)]) == 0
-    assert "no records" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"no records in {tmp_path}\n"
+    book = json.loads((BOOK_RESULTS / "lam.json").read_text())
+    rerun = {**book, "base_perplexity": book["base_perplexity"] + 1.0}
+    (tmp_path / "lam.json").write_text(json.dumps(rerun))
+    assert execute.main(["--compare", str(tmp_path)]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["page", "metric", "book", "rerun", "difference", "relative", "labels"]
+    assert len(lines) == len(book) - 3  # every metric, not the labels model, profile, dataset
+    changed = [line.split() for line in lines if " base_perplexity " in line]
+    assert len(changed) == 1
+    page, _, old, new, difference, _, labels = changed[0]
+    assert (page, labels) == ("lam", "same")
+    assert float(old) == pytest.approx(book["base_perplexity"], rel=1e-5)
+    assert float(new) == pytest.approx(book["base_perplexity"] + 1.0, rel=1e-5)
+    assert float(difference) == pytest.approx(1.0)
+    others = [line.split() for line in lines if " base_perplexity " not in line]
+    assert all(float(row[-3]) == 0.0 and row[-1] == "same" for row in others)
 
 
 def test_report_publishes_the_record_and_glues_each_key_once(tmp_path: Path) -> None:
