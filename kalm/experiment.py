@@ -62,9 +62,12 @@ def _load(
     )
 
 
-def load_base(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Run]:
-    """The untuned model of ``cfg`` (the "no tuning" rows of the paper) and its cache directory."""
-    model, tokenizer = _load(cfg)
+def load_base(
+    cfg: RunConfig, *, precision: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Run]:
+    """The untuned model of ``cfg`` (the "no tuning" rows of the paper) and its cache directory;
+    ``precision`` overrides ``cfg.train.precision`` for the weights."""
+    model, tokenizer = _load(cfg, precision)
     return model, tokenizer, Run.base(cfg)
 
 
@@ -155,8 +158,7 @@ def load_encoder(
             base, tokenizer = _load(cfg, precision)
             model = _load_adapter(base, run)
     else:
-        model, tokenizer = _load(cfg, precision)
-        run = Run.base(cfg)
+        model, tokenizer, run = load_base(cfg, precision=precision)
     views = ViewBuilder.from_config(load_kg(cfg.dataset), tokenizer, cfg)
     return Encoder.from_config(model, views, cfg), run
 

@@ -33,7 +33,7 @@ CFG = {"profile": "smoke", **CFG_OVERRIDES}
 TRIPLES = [(i, 0, (i + 1) % 8) for i in range(8)] + [(i, 1, (i + 2) % 8) for i in range(0, 8, 2)]
 
 
-def tiny_load(cfg: RunConfig):
+def tiny_load(cfg: RunConfig, precision: str | None = None):
     tokenizer = smollm2_tokenizer()
     return tiny_llama(len(tokenizer)), tokenizer
 
