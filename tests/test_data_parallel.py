@@ -27,6 +27,8 @@ from kalm.models import load_model
 from kalm.runs import Run
 from kalm.train import Trainer
 
+pytestmark = pytest.mark.slow  # two training processes per test
+
 WORLD = 2
 # Two steps, clipped hard so that clipping acts on every step; smoke's lr, no LoRA dropout.
 STEPS = {"max_steps": 2, "max_grad_norm": 0.05, "checkpoint_every": 1}

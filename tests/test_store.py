@@ -260,6 +260,7 @@ def _train_concurrently(root: str, start, results) -> None:
     results.put((os.getpid(), len(fits), waited))
 
 
+@pytest.mark.slow
 def test_two_processes_of_one_configuration_train_once(store: Path) -> None:
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(2), ctx.Queue()
