@@ -233,11 +233,13 @@ class Session:
     sees it without a module global; it is no part of the run's identity, file or equality.
     ``retrain`` trains anew every run the session loads, each once (``retrained`` holds the run
     directories already retrained); ``results_dir`` is where the pages publish their records
-    (None: ``KALM_RESULTS_DIR``, else ``book/results``).
+    (None: ``KALM_RESULTS_DIR``, else ``book/results``); ``runs_dir`` is the run store (None:
+    ``KALM_RUNS_DIR``, else ``runs/``).
     """
 
     retrain: bool = False
     results_dir: Path | None = None
+    runs_dir: Path | None = None
     retrained: set[Path] = dataclasses.field(default_factory=set)
 
 

@@ -58,8 +58,11 @@ RETRAIN = (
 _DERIVED = ("cache/*", "metrics/*")
 
 
-def runs_dir() -> Path:
-    """Root of the run store: ``KALM_RUNS_DIR`` or ``runs/`` in the repository."""
+def runs_dir(cfg: RunConfig | None = None) -> Path:
+    """Root of the run store: ``cfg.session.runs_dir`` (``python -m kalm.train --runs-dir``),
+    else ``KALM_RUNS_DIR``, else ``runs/`` in the repository."""
+    if cfg is not None and cfg.session.runs_dir is not None:
+        return cfg.session.runs_dir
     return Path(os.environ.get("KALM_RUNS_DIR", REPO_ROOT / "runs"))
 
 
@@ -78,12 +81,12 @@ class Run:
         """The directory of the KaLM-tuned model of ``cfg``."""
         model = _slug(cfg.model.store_name)
         name = f"{model}-{cfg.dataset}-{cfg.profile}-s{cfg.seed}-{cfg.train_key()}"
-        return cls(runs_dir() / name)
+        return cls(runs_dir(cfg) / name)
 
     @classmethod
     def base(cls, cfg: RunConfig) -> Run:
         """The directory holding caches of the untuned model of ``cfg``."""
-        return cls(runs_dir() / f"{_slug(cfg.model.store_name)}-base")
+        return cls(runs_dir(cfg) / f"{_slug(cfg.model.store_name)}-base")
 
     # ------------------------------------------------------------------------- training files
     @property
