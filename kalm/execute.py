@@ -100,12 +100,15 @@ def execute(
     profile: str = "auto",
     retrain: bool = False,
     results_dir: Path | None = None,
+    runs_dir: Path | None = None,
 ) -> Path:
     """Run one experiment notebook into ``book/experiments/<page>.ipynb`` and return its path.
 
     ``retrain`` is the notebook parameter: the page trains anew every run it uses.
-    ``results_dir``, when given, is injected as the parameter of that name (which
-    :func:`~kalm.experiment.notebook_config` accepts undeclared): the page publishes there.
+    ``results_dir`` and ``runs_dir``, when given, are injected as the parameters of those names
+    (which :func:`~kalm.experiment.notebook_config` accepts undeclared): the page publishes its
+    record into the first and keeps its runs in the second, with no environment variable
+    passed to its kernel.
     """
     import papermill
 
@@ -115,7 +118,11 @@ def execute(
         **experiment.parameters,
         "profile": cfg.profile,
         "retrain": retrain,
-        **({"results_dir": str(results_dir.resolve())} if results_dir is not None else {}),
+        **{
+            name: str(path.resolve())
+            for name, path in (("results_dir", results_dir), ("runs_dir", runs_dir))
+            if path is not None
+        },
     }
     source = NOTEBOOKS / f"{experiment.notebook}.ipynb"
     target = EXECUTED / f"{experiment.page}.ipynb"

@@ -44,7 +44,7 @@ __all__ = [
 NOTEBOOK_PARAMETERS = ("model", "dataset", "profile", "seed", "retrain", "overrides")
 """The parameters of every experiment notebook; profile fields go into ``overrides``."""
 
-EXECUTE_PARAMETERS = ("results_dir",)
+EXECUTE_PARAMETERS = ("results_dir", "runs_dir")
 """Parameters that ``python -m kalm.execute`` injects into a page that declares none of them:
 settings of the session rather than of the experiment (see :class:`~kalm.config.Session`)."""
 
@@ -183,10 +183,11 @@ def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
     changed through the ``overrides`` dict. A name papermill injected that the notebook does not
     declare (``-p batch_size 2``) would otherwise be ignored while the executed copy shows it, so
     it is an error here, as are a non-bool ``retrain`` and ``overrides`` that is not a dict;
-    only :data:`EXECUTE_PARAMETERS` may be injected undeclared. ``retrain`` and ``results_dir``
-    go into the configuration's :class:`~kalm.config.Session`: ``retrain=True`` makes every
-    :func:`train_or_load` of this configuration (and of the study arms derived from it) retrain
-    its run once, and ``results_dir`` is where :func:`kalm.results.publish` writes.
+    only :data:`EXECUTE_PARAMETERS` may be injected undeclared. ``retrain``, ``results_dir`` and
+    ``runs_dir`` go into the configuration's :class:`~kalm.config.Session`: ``retrain=True``
+    makes every :func:`train_or_load` of this configuration (and of the study arms derived from
+    it) retrain its run once, ``results_dir`` is where :func:`kalm.results.publish` writes and
+    ``runs_dir`` the run store its runs live in.
     """
     profile_fields = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(EvalConfig)}
     injected = _injected(namespace.get("In", ()))
@@ -219,8 +220,8 @@ def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
         seed=namespace["seed"],
         **overrides,
     )
-    results_dir = Path(namespace["results_dir"]) if "results_dir" in injected else None
-    return replace(cfg, session=Session(retrain=retrain, results_dir=results_dir))
+    paths = {name: Path(namespace[name]) for name in EXECUTE_PARAMETERS if name in injected}
+    return replace(cfg, session=Session(retrain=retrain, **paths))
 
 
 def _injected(history: Sequence[str]) -> list[str]:

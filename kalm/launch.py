@@ -19,13 +19,12 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kalm.config import ConfigError, RunConfig, Session, load_config, resolve
+from kalm.config import ConfigError, RunConfig, load_config, resolve
 from kalm.durable import RunStoreError
 from kalm.experiment import train_or_load
 from kalm.models import ModelUnavailableError
@@ -140,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = parser().parse_args(argv)
     overrides = dict(args.overrides)
-    chosen = args.runs_dir.resolve() if args.runs_dir is not None else None
-    env_runs = os.environ.get("KALM_RUNS_DIR")
-    runs = chosen or (Path(env_runs) if env_runs else None)
+    if args.runs_dir is not None:
+        os.environ["KALM_RUNS_DIR"] = str(args.runs_dir.resolve())
+    runs = Path(os.environ["KALM_RUNS_DIR"]) if "KALM_RUNS_DIR" in os.environ else None
     state = process_state()  # joins the launch's processes (one without a launcher)
     overrides.setdefault("processes", state.num_processes)
     main_process = state.is_main_process
@@ -154,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             **overrides,
         )
-        cfg = replace(cfg, session=Session(runs_dir=chosen))  # where Run.trained(cfg) looks
         if main_process:
             t = cfg.train
             print(

@@ -86,10 +86,13 @@ def test_retrain_travels_with_the_configuration_not_the_module() -> None:
     assert cfg.train_key() == resolve(profile="smoke").train_key()
 
 
-def test_execute_may_inject_the_results_directory(tmp_path: Path) -> None:
-    cfg = notebook_config(namespace(f"results_dir = {str(tmp_path)!r}\n"))
-    assert cfg.session.results_dir == tmp_path
+def test_execute_may_inject_the_results_and_runs_directories(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    cfg = notebook_config(namespace(f"results_dir = {str(tmp_path)!r}\nruns_dir = {str(runs)!r}\n"))
+    assert (cfg.session.results_dir, cfg.session.runs_dir) == (tmp_path, runs)
     assert publish("page", cfg, {"x": 1.0}) == tmp_path / "page.json"
+    assert Run.trained(cfg).path.parent == runs
+    assert Run.trained(studies.arm_config(cfg, {"lam": 0.1})).path.parent == runs
     # Only as an injected parameter: a variable of that name in the notebook is not read.
     assert notebook_config({**namespace(), "results_dir": "elsewhere"}).session.results_dir is None
 
@@ -262,7 +265,8 @@ def test_execute_passes_the_results_directory_as_a_parameter(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """``--results-dir`` reaches the page as the parameter ``results_dir``, not through the
-    environment the kernel inherits; without it nothing is injected."""
+    environment the kernel inherits; without it nothing is injected. A caller's run store goes
+    the same way (``runs_dir``)."""
     import papermill
 
     injected: list[dict[str, Any]] = []
@@ -284,4 +288,10 @@ def test_execute_passes_the_results_directory_as_a_parameter(
     assert injected[-1]["results_dir"] == str(tmp_path / "r")
     assert "KALM_RESULTS_DIR" not in os.environ
     assert execute.main(["lm", "--profile", "smoke"]) == 0
-    assert "results_dir" not in injected[-1]
+    assert "results_dir" not in injected[-1] and "runs_dir" not in injected[-1]
+    lm = next(e for e in execute.BOOK_EXPERIMENTS if e.page == "lm")
+    execute.execute(lm, profile="smoke", results_dir=tmp_path / "r", runs_dir=tmp_path / "runs")
+    assert (injected[-1]["results_dir"], injected[-1]["runs_dir"]) == (
+        str(tmp_path / "r"),
+        str(tmp_path / "runs"),
+    )

@@ -14,7 +14,6 @@ import pytest
 from kalm import experiment
 from kalm.config import REPO_ROOT, resolve
 from kalm.launch import _assignment, main
-from kalm.runs import Run
 
 
 def test_help_documents_the_launch_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,22 +64,6 @@ def test_a_launch_of_another_size_is_refused(
     monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path))
     assert main(["--profile", "smoke", "--set", "processes=4"]) == 2
     assert "configured for train.processes = 4" in capsys.readouterr().err
-
-
-def test_runs_dir_reaches_the_run_store_without_the_environment(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``--runs-dir`` is passed to the run store as a setting of the configuration: the run's
-    directory is made there (before the size check refuses it) and the environment is left as
-    it was."""
-    monkeypatch.delenv("KALM_RUNS_DIR", raising=False)
-    runs = tmp_path / "chosen"
-    assert main(["--profile", "smoke", "--set", "processes=4", "--runs-dir", str(runs)]) == 2
-    assert "configured for train.processes = 4" in capsys.readouterr().err
-    assert "KALM_RUNS_DIR" not in os.environ
-    assert [p.name for p in runs.iterdir()] == [
-        Run.trained(resolve(profile="smoke", processes=4)).path.name
-    ]
 
 
 @pytest.mark.slow
