@@ -59,8 +59,9 @@ _DERIVED = ("cache/*", "metrics/*")
 
 
 def runs_dir(cfg: RunConfig | None = None) -> Path:
-    """Root of the run store: ``cfg.session.runs_dir`` (``python -m kalm.train --runs-dir``),
-    else ``KALM_RUNS_DIR``, else ``runs/`` in the repository."""
+    """Root of the run store: ``cfg.session.runs_dir`` (the page parameter ``runs_dir`` that
+    :func:`kalm.execute.execute` injects), else ``KALM_RUNS_DIR``, else ``runs/`` in the
+    repository."""
     if cfg is not None and cfg.session.runs_dir is not None:
         return cfg.session.runs_dir
     return Path(os.environ.get("KALM_RUNS_DIR", REPO_ROOT / "runs"))
