@@ -10,7 +10,6 @@ apart from the dataclasses, and a test requires a rule for every field.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -24,8 +23,10 @@ from typing import Any
 
 import yaml
 
+from kalm.hardware import native_precision
+from kalm.weights import parameter_count, weight_files
+
 __all__ = [
-    "NATIVE_BF16_CPU_FLAGS",
     "RULES",
     "Config",
     "ConfigError",
@@ -35,13 +36,9 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "config_path",
-    "cpu_has_native_bf16",
     "load_config",
     "local_model",
-    "native_precision",
-    "parameter_count",
     "resolve",
-    "weight_files",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -263,49 +260,6 @@ def config_path() -> Path:
 
 LARGE_MODEL = 1_000_000_000
 """Parameters above which a local model defaults to the ``paper`` profile (else ``cpu``)."""
-
-_BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The weight files of a model directory: safetensors if there are any, else PyTorch
-    ``.bin`` files; a sharded checkpoint must hold every shard its index lists."""
-    for suffix in ("safetensors", "bin"):
-        files = sorted(directory.glob(f"*.{suffix}"))
-        index = next(iter(directory.glob(f"*.{suffix}.index.json")), None)
-        if index is not None:
-            try:
-                shards = set(json.loads(index.read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, AttributeError):
-                return []
-            if not all((directory / shard).is_file() for shard in shards):
-                return []
-        if files:
-            return files
-    return []
-
-
-def _safetensors_parameters(path: Path) -> int:
-    """Elements of every tensor of a safetensors file, read from its JSON header alone."""
-    with path.open("rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-
-
-def parameter_count(directory: Path) -> int:
-    """Parameters of the model in ``directory`` without loading it.
-
-    Safetensors headers give the exact count in milliseconds (building the model on the meta
-    device takes seconds for 7B parameters); ``.bin`` weights are estimated from their size and
-    the ``torch_dtype`` of ``config.json``.
-    """
-    files = weight_files(directory)
-    if files and files[0].suffix == ".safetensors":
-        return sum(_safetensors_parameters(f) for f in files)
-    config = json.loads((directory / "config.json").read_text())
-    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
-    return sum(f.stat().st_size for f in files) // _BYTES_PER_ELEMENT.get(str(dtype), 4)
-
 
 def local_model(directory: Path) -> ModelSpec:
     """The spec of a model directory: named after it, identified by its resolved path, with
@@ -633,46 +587,6 @@ def load_config(path: str | Path | None = None) -> Config:
     )
     _choose(config.default_model, models, "model", f"{path}: default_model: ")
     return config
-
-
-NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-"""CPU flags (``/proc/cpuinfo``) of instructions that multiply bf16 matrices in hardware."""
-
-
-@functools.cache
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
-
-    Read once per process: every resolved configuration and every loaded model asks.
-
-    Without either, PyTorch emulates bf16 matmuls on the CPU, which is not a little slower than
-    fp32 but orders of magnitude slower (``benchmarks/bench_peak.py`` measures both). A CPU
-    whose flags cannot be read (no ``/proc/cpuinfo``) counts as without.
-    """
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    lines = (line for line in text.splitlines() if line.startswith("flags"))
-    flags = next((line.split(":", 1)[1].split() for line in lines), [])
-    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
-
-
-def native_precision() -> str:
-    """What ``precision: auto`` means on this machine: ``"bf16"`` where matmuls run natively in
-    it (a CUDA GPU that supports bf16, else a CPU with :data:`NATIVE_BF16_CPU_FLAGS`), else
-    ``"fp32"``.
-
-    bf16 mixed precision is the fast path wherever the hardware has it, and agrees with fp32
-    within the book's tolerance (the reproducing chapter's bf16 check); where it is emulated,
-    fp32 is the fast path. The choice is made when a configuration is resolved, so the run key
-    records the precision a run was actually trained in.
-    """
-    import torch  # here, not at the top: reading a configuration needs no torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def resolve(

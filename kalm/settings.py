@@ -191,7 +191,7 @@ def _test_set(run: RunConfig, sizes: dict[str, int] | None) -> str:
 
 def _stated_precision(config: Config, profile: str, resolved: str) -> str:
     """A profile's own ``train.precision``: ``auto`` stays ``auto`` (resolved per machine, see
-    :func:`kalm.config.native_precision`), so the table does not depend on where it is built."""
+    :func:`kalm.hardware.native_precision`), so the table does not depend on where it is built."""
     stated = config.profiles[profile]["train"].get("precision", resolved)
     return "auto (bf16 with native bf16 hardware, else fp32)" if stated == "auto" else resolved
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kalm.config as config
+from kalm import weights
 from kalm.config import REPO_ROOT, ConfigError, config_path, load_config, resolve
 from kalm.paper import read_resource
 
@@ -386,21 +387,6 @@ def test_auto_precision_is_resolved_to_the_machines(
     assert auto.train_key() == resolve(precision=native).train_key()
 
 
-@pytest.mark.parametrize(
-    ("flags", "native"),
-    [
-        ("fpu sse2 avx2 fma f16c", False),
-        ("fpu avx2 avx512f avx512_bf16", True),
-        ("fpu avx2 avx512f amx_bf16 amx_tile", True),
-    ],
-)
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, flags: str, native: bool) -> None:
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n")
-    assert config.cpu_has_native_bf16(cpuinfo) is native
-    assert config.cpu_has_native_bf16(tmp_path / "missing") is False
-
-
 @settings(max_examples=30, deadline=None)
 @given(lam=st.floats(0.0, 1.0), other=st.floats(0.0, 1.0))
 def test_train_key_follows_train_hyper_parameters(lam: float, other: float) -> None:
@@ -564,7 +550,7 @@ def test_a_local_directory_is_a_model(llama_dir: Path) -> None:
     assert (spec.alias, spec.source, spec.hub_id) == (llama_dir.name, "local", str(llama_dir))
     assert spec.default_profile == cfg.profile == "cpu"  # a few thousand parameters
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
-    assert config.parameter_count(llama_dir) == sum(p.numel() for p in model.parameters())
+    assert weights.parameter_count(llama_dir) == sum(p.numel() for p in model.parameters())
     assert resolve(model=llama_dir).train_key() == cfg.train_key()  # a Path works too
     assert spec.store_name.startswith(f"{llama_dir.name}-") and spec.store_name != spec.alias
 
@@ -576,7 +562,7 @@ def test_a_large_local_model_defaults_to_the_paper_profile(tmp_path: Path) -> No
     header = json.dumps({"w": {"dtype": "BF16", "shape": [32000, 40960], "data_offsets": [0, 0]}})
     blob = len(header).to_bytes(8, "little") + header.encode()
     (tmp_path / "model.safetensors").write_bytes(blob)
-    assert config.parameter_count(tmp_path) == 32000 * 40960
+    assert weights.parameter_count(tmp_path) == 32000 * 40960
     assert resolve(model=str(tmp_path)).profile == "paper"
 
 
