@@ -240,7 +240,7 @@ def test_every_field_has_a_rule_and_a_test() -> None:
     """A new field of TrainConfig or EvalConfig fails here until RULES gives its range."""
     names = {f.name for cls in (config.TrainConfig, config.EvalConfig) for f in fields(cls)}
     names.add("seed")
-    assert set(config.RULES) == names, "every field needs one rule in kalm.config.RULES"
+    assert set(config.RULES) == names, "declare every field with kalm.config.setting and a rule"
     assert set(RULE_CASES) == names
 
 
