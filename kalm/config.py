@@ -204,7 +204,6 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(
         "recompute activations in the backward pass to save memory", _FLAG
     )
-    compile: bool = setting("torch.compile the model", _FLAG)
     gather_negatives: bool = setting("share in-batch negatives across GPUs", _FLAG)
     load_in_8bit: bool = setting("base model weights in 8 bit", _FLAG)
     checkpoint_every: int = setting("steps between saved training states", _COUNT)
@@ -408,13 +407,17 @@ class RunConfig:
     def train_key(self) -> str:
         """Hash of everything that determines the trained weights (not the evaluation sizes).
 
-        Training fields at their dataclass default are left out (see :class:`TrainConfig`).
+        Training fields at their dataclass default are left out (see :class:`TrainConfig`), and
+        :data:`RETIRED_TRAIN_FIELDS` are put in.
         """
         payload = {k: v for k, v in self.as_dict().items() if k != "eval"}
         payload["train"] = {
-            f.name: payload["train"][f.name]
-            for f in fields(TrainConfig)
-            if f.default is dataclasses.MISSING or getattr(self.train, f.name) != f.default
+            **RETIRED_TRAIN_FIELDS,
+            **{
+                f.name: payload["train"][f.name]
+                for f in fields(TrainConfig)
+                if f.default is dataclasses.MISSING or getattr(self.train, f.name) != f.default
+            },
         }
         payload["revision"] = TRAINING_REVISION
         blob = json.dumps(payload, sort_keys=True).encode()
@@ -492,6 +495,11 @@ def _choose(
         )
     return options[key]
 
+
+RETIRED_TRAIN_FIELDS: Mapping[str, Any] = types.MappingProxyType({"compile": False})
+"""Training fields removed after runs were stored, with the value every stored run had: they stay
+in the run key with that value, so that the stored adapters keep their keys. (``compile`` was
+validated and stored but never read: ``benchmarks/bench_compile.py`` measures torch.compile.)"""
 
 # Bumped whenever the training code changes what a configuration trains (revision 2: batches
 # bucketed by two token lengths), so the run store never serves an adapter of older code.

@@ -130,6 +130,7 @@ def test_kalm_profile_overrides_auto_but_not_an_explicit_profile(
         ({"test_queries": True}, r"eval\.test_queries must be of type int, got True"),
         ({"lora_targets": "q_proj"}, r"train\.lora_targets must be a list of strings"),
         ({"seed": "1"}, r"seed must be of type int"),
+        ({"compile": True}, r"unknown parameter\(s\) \['compile'\]"),
         (
             {"precision": "fp16"},
             r"train\.precision = 'fp16' is invalid: it must be one of fp32, bf16, auto",
@@ -194,7 +195,6 @@ RULE_CASES: dict[str, tuple[list, list[dict]]] = {
     "max_prompt_tokens": ([1, 0], [{"max_prompt_tokens": 2}]),
     "train_subset": ([-1], [{"train_subset": 0}]),
     "gradient_checkpointing": ([1], [{"gradient_checkpointing": True}]),
-    "compile": (["no"], [{"compile": True}]),
     "gather_negatives": ([0], [{"gather_negatives": True}]),
     "load_in_8bit": ([1], [{"load_in_8bit": True}]),
     "checkpoint_every": ([0, -2], [{"checkpoint_every": 1}]),
@@ -511,7 +511,8 @@ def test_model_and_dataset_default_to_the_configuration(
 
 
 def test_fields_at_their_default_keep_the_training_key() -> None:
-    """Fields added with a default that reproduces older runs leave their key unchanged."""
+    """Fields added with a default that reproduces older runs leave their key unchanged, and
+    so does a field removed after runs were stored (RETIRED_TRAIN_FIELDS)."""
     cfg = resolve(profile="smoke")
     assert cfg.train.warmup_steps == 0 and cfg.train.precision == "fp32"
     later = ("self_negative_grad", "gradient_accumulation_steps", "max_grad_norm", "processes")
@@ -520,6 +521,7 @@ def test_fields_at_their_default_keep_the_training_key() -> None:
     del payload["train"]["warmup_steps"], payload["train"]["precision"]
     for name in later:
         del payload["train"][name]
+    payload["train"]["compile"] = False  # removed, but in the key of every stored run
     payload["revision"] = config.TRAINING_REVISION
     blob = json.dumps(payload, sort_keys=True).encode()
     assert cfg.train_key() == hashlib.sha256(blob).hexdigest()[:12]
