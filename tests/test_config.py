@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -579,3 +580,77 @@ def test_what_is_not_a_model_directory_is_named(tmp_path: Path) -> None:
         resolve(model=str(tmp_path))
     with pytest.raises(ConfigError, match=r"unknown model .*or a local directory.*does not exist"):
         resolve(model=str(tmp_path / "Llama-2-7b-hf"))
+
+
+# --- every field is read -------------------------------------------------------------------------
+
+# Where fields are read: the library, the notebooks' code and the benchmarks. kalm/settings.py
+# shows every field in the book's table, so its reads prove nothing. kalm/config.py stays in:
+# it declares and validates fields by name (no attribute is read), so an attribute read there is
+# a use (`resolve` reads a model's `default_profile`, `lm_examples` reads `lm_fraction`).
+READERS = sorted(
+    [
+        *(p for p in (REPO_ROOT / "kalm").rglob("*.py") if p.name != "settings.py"),
+        *(REPO_ROOT / "benchmarks").glob("*.py"),
+        *(REPO_ROOT / "notebooks").glob("*.ipynb"),
+    ]
+)
+
+
+def python_source(path: Path) -> str:
+    """A module's text, or a notebook's code cells without IPython's ``%`` and ``!`` lines."""
+    if path.suffix != ".ipynb":
+        return path.read_text(encoding="utf-8")
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    code = ("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    lines = (line for text in code for line in text.splitlines())
+    return "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))
+
+
+def attribute_reads(source: str) -> set[str]:
+    """Every name read as an attribute (``cfg.train.lr`` reads ``train`` and ``lr``), except
+    attributes of an imported name: ``torch.compile`` is no read of a field called ``compile``."""
+    tree = ast.parse(source)
+    imported = {
+        (alias.asname or alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Load)
+        and not (isinstance(node.value, ast.Name) and node.value.id in imported)
+    }
+
+
+def unread_fields(classes: tuple[type, ...], sources: list[str]) -> list[str]:
+    """``Class.field`` of every field that no source reads as an attribute."""
+    reads = set().union(*map(attribute_reads, sources))
+    return [
+        f"{cls.__name__}.{f.name}" for cls in classes for f in fields(cls) if f.name not in reads
+    ]
+
+
+def test_every_configuration_field_is_read() -> None:
+    """A field nobody reads is a setting that changes nothing but the run key: remove it (and
+    add it to RETIRED_TRAIN_FIELDS if stored runs have it in their key)."""
+    sources = [python_source(p) for p in READERS]
+    classes = (config.TrainConfig, config.EvalConfig, config.ModelSpec)
+    assert not unread_fields(classes, sources), "configuration fields that no code reads"
+
+
+def test_the_read_check_finds_an_unread_field() -> None:
+    """The check above can fail: a field that is declared, validated and shown, but read only
+    as a module's attribute of the same name, is reported."""
+
+    @dataclasses.dataclass
+    class Synthetic:
+        lr: float
+        compile: bool
+
+    used = "import torch\n\ndef fit(cfg):\n    return torch.compile(cfg.train.lr)\n"
+    assert unread_fields((Synthetic,), [used]) == ["Synthetic.compile"]
+    assert unread_fields((Synthetic,), [used, "step = run.train.compile\n"]) == []
