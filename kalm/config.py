@@ -301,10 +301,12 @@ class EvalConfig:
         "texts encoded per forward pass in the similarity analysis", _COUNT
     )
     # Studies (self-negatives, tuning, lambda): training examples per arm (steps follow from the
-    # arm's batch size, so arms of different batch sizes see as many examples), validation
+    # arm's global batch, so arms of different batch sizes see as many examples), validation
     # triples and candidates per query.
     study_examples: int = setting(
-        "training examples per arm of a study (steps = examples / batch size)", _COUNT
+        "training examples per arm of a study (steps = examples / global batch, i.e. batch size "
+        "× accumulated micro-batches × processes)",
+        _COUNT,
     )
     study_queries: int = setting(
         "validation triples ranked per study arm (0: all)", _all("every validation triple")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kalm.config import EvalConfig, TrainConfig, config_path, load_config
+from kalm.config import EvalConfig, TrainConfig, config_path, load_config, resolve
 from kalm.settings import MEANINGS, profile_differences
 
 
@@ -70,3 +70,14 @@ def test_without_data_files_the_formula_is_stated(
 def test_same_profile_has_no_differing_field() -> None:
     table = profile_differences("cpu", "cpu")
     assert all("." not in s for s in table.index)
+
+
+def test_study_examples_are_counted_in_global_batches() -> None:
+    """An arm's steps divide its examples by the global batch (batch size × accumulated
+    micro-batches × processes), and the setting's meaning says so."""
+    from kalm.studies import arm_config
+
+    cfg = resolve(profile="smoke", gradient_accumulation_steps=2)
+    steps = arm_config(cfg, {}).train.max_steps
+    assert steps == cfg.eval.study_examples // cfg.train.global_batch_size
+    assert "global batch" in MEANINGS["study_examples"]
