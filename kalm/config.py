@@ -28,6 +28,7 @@ from kalm.hardware import native_precision
 from kalm.weights import parameter_count, weight_files
 
 __all__ = [
+    "RETIRED_TRAIN_FIELDS",
     "RULES",
     "Config",
     "ConfigError",
@@ -427,7 +428,7 @@ class RunConfig:
 
 
 # The allowed value of every field of TrainConfig and EvalConfig, and of the seed, read from their
-# declarations (every field of these has one: `setting` requires it).
+# declarations (a test requires one for every field).
 RULES: Mapping[str, Rule] = types.MappingProxyType(
     {
         f.name: f.metadata["rule"]
