@@ -1,7 +1,8 @@
 """KaLM: knowledge-graph alignment of causal language models, as a small reproducible library.
 
 Submodules are imported on first access (``kalm.data``, ``kalm.models`` …) so that
-``import kalm`` stays cheap and does not pull in torch until a submodule needs it.
+``import kalm`` stays cheap and does not pull in torch until a submodule needs it; every module
+of the package is listed (``tests/test_package.py`` checks that).
 """
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ _SUBMODULES = (
     "execute",
     "experiment",
     "flops",
+    "hardware",
     "launch",
     "losses",
     "models",
     "paper",
     "plots",
     "prompts",
+    "results",
     "runs",
+    "settings",
+    "studies",
+    "tables",
     "theory",
     "train",
     "views",
+    "weights",
 )
 
 

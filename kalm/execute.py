@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kalm.config import REPO_ROOT, RunConfig, cpu_has_native_bf16, load_config, resolve
+from kalm import hardware
+from kalm.config import REPO_ROOT, RunConfig, load_config, resolve
 from kalm.durable import atomic_write_text
 from kalm.runs import Run
 
@@ -36,7 +37,6 @@ __all__ = [
     "cell_source",
     "cell_tags",
     "execute",
-    "hardware",
     "main",
     "page_config",
     "refresh_prose",
@@ -143,24 +143,12 @@ def _write_notebook(path: Path, nb: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False))
 
 
-def hardware() -> str:
-    """What computed a page, in the terms that decide its speed and precision: the GPU, else the
-    CPU cores and whether they multiply bf16 natively (``precision: auto`` follows that)."""
-    import torch  # here, not at the top: the command line starts without torch
-
-    if torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
-        return f"{gpus} x {torch.cuda.get_device_name(0)}"
-    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-    return f"{os.cpu_count()} CPU cores, {bf16}"
-
-
 def record_provenance(path: Path, cfg: RunConfig) -> None:
     """Write into an executed notebook's metadata (``kalm``) the precision its runs resolved to
     and the hardware that ran it: runs of other precisions live under other keys and give
     somewhat different numbers, so the book says for every page which one it shows."""
     nb = json.loads(path.read_text(encoding="utf-8"))
-    nb["metadata"]["kalm"] = {"precision": cfg.train.precision, "hardware": hardware()}
+    nb["metadata"]["kalm"] = {"precision": cfg.train.precision, "hardware": hardware.describe()}
     _write_notebook(path, nb)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.config import ModelSpec, cpu_has_native_bf16, load_config, local_model, weight_files
+from kalm.config import ModelSpec, load_config, local_model
 from kalm.data.files import user_cache
 from kalm.durable import (
     RunStoreError,
@@ -35,6 +35,8 @@ from kalm.durable import (
     verify_manifest,
     write_manifest,
 )
+from kalm.hardware import cpu_has_native_bf16
+from kalm.weights import is_model_directory
 
 __all__ = [
     "PRECISIONS",
@@ -217,7 +219,7 @@ def _cached_snapshot(hub_id: str) -> Path | None:
         path = Path(snapshot_download(hub_id, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
-    return path if (path / "config.json").is_file() and weight_files(path) else None
+    return path if is_model_directory(path) else None
 
 
 def _hub_refusal(hub_id: str) -> str | None:
@@ -251,7 +253,7 @@ def _weights(spec: ModelSpec) -> str | Path:
         return _converted_dir(spec)
     path = Path(spec.hub_id).expanduser()
     if spec.source == "local" or path.is_dir():  # a configured hub_id may name a directory
-        if not ((path / "config.json").is_file() and weight_files(path)):
+        if not is_model_directory(path):
             raise ModelUnavailableError(
                 f"model {spec.alias!r}: {path} does not hold config.json and complete weights"
             )
