@@ -28,7 +28,6 @@ from kalm.hardware import native_precision
 from kalm.weights import parameter_count, weight_files
 
 __all__ = [
-    "RETIRED_TRAIN_FIELDS",
     "RULES",
     "Config",
     "ConfigError",
@@ -410,17 +409,13 @@ class RunConfig:
     def train_key(self) -> str:
         """Hash of everything that determines the trained weights (not the evaluation sizes).
 
-        Training fields at their dataclass default are left out (see :class:`TrainConfig`), and
-        :data:`RETIRED_TRAIN_FIELDS` are put in.
+        Training fields at their dataclass default are left out (see :class:`TrainConfig`).
         """
         payload = {k: v for k, v in self.as_dict().items() if k != "eval"}
         payload["train"] = {
-            **RETIRED_TRAIN_FIELDS,
-            **{
-                f.name: payload["train"][f.name]
-                for f in fields(TrainConfig)
-                if f.default is dataclasses.MISSING or getattr(self.train, f.name) != f.default
-            },
+            f.name: payload["train"][f.name]
+            for f in fields(TrainConfig)
+            if f.default is dataclasses.MISSING or getattr(self.train, f.name) != f.default
         }
         payload["revision"] = TRAINING_REVISION
         blob = json.dumps(payload, sort_keys=True).encode()
@@ -498,11 +493,6 @@ def _choose(
         )
     return options[key]
 
-
-RETIRED_TRAIN_FIELDS: Mapping[str, Any] = types.MappingProxyType({"compile": False})
-"""Training fields removed after runs were stored, with the value every stored run had: they stay
-in the run key with that value, so that the stored adapters keep their keys. (``compile`` was
-validated and stored but never read: ``benchmarks/bench_compile.py`` measures torch.compile.)"""
 
 # Bumped whenever the training code changes what a configuration trains (revision 2: batches
 # bucketed by two token lengths), so the run store never serves an adapter of older code.

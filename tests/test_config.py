@@ -512,8 +512,7 @@ def test_model_and_dataset_default_to_the_configuration(
 
 
 def test_fields_at_their_default_keep_the_training_key() -> None:
-    """Fields added with a default that reproduces older runs leave their key unchanged, and
-    so does a field removed after runs were stored (RETIRED_TRAIN_FIELDS)."""
+    """Fields added with a default that reproduces older runs leave their key unchanged."""
     cfg = resolve(profile="smoke")
     assert cfg.train.warmup_steps == 0 and cfg.train.precision == "fp32"
     later = ("self_negative_grad", "gradient_accumulation_steps", "max_grad_norm", "processes")
@@ -522,7 +521,6 @@ def test_fields_at_their_default_keep_the_training_key() -> None:
     del payload["train"]["warmup_steps"], payload["train"]["precision"]
     for name in later:
         del payload["train"][name]
-    payload["train"]["compile"] = False  # removed, but in the key of every stored run
     payload["revision"] = config.TRAINING_REVISION
     blob = json.dumps(payload, sort_keys=True).encode()
     assert cfg.train_key() == hashlib.sha256(blob).hexdigest()[:12]
@@ -635,8 +633,7 @@ def unread_fields(classes: tuple[type, ...], sources: list[str]) -> list[str]:
 
 
 def test_every_configuration_field_is_read() -> None:
-    """A field nobody reads is a setting that changes nothing but the run key: remove it (and
-    add it to RETIRED_TRAIN_FIELDS if stored runs have it in their key)."""
+    """A field nobody reads is a setting that changes nothing but the run key: remove it."""
     sources = [python_source(p) for p in READERS]
     classes = (config.TrainConfig, config.EvalConfig, config.ModelSpec)
     assert not unread_fields(classes, sources), "configuration fields that no code reads"
