@@ -1,5 +1,5 @@
 """Evaluation of aligned models: KGC ranking (``kgc``), KGQA (``kgqa`` and the modules it
-gathers) and LM checks (``lm``).
+gathers; ``likelihood`` for multiple choice) and LM checks (``lm``).
 
 Submodules load on first attribute access, like the top-level package, so
 ``kalm.evaluate.kgc.rank(...)`` works without importing every evaluator.
@@ -11,9 +11,11 @@ import importlib
 from types import ModuleType
 
 _SUBMODULES = (
+    "candidates",
     "generation",
     "kgc",
     "kgqa",
+    "likelihood",
     "lm",
     "questions",
     "scoring",
