@@ -149,7 +149,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("task")
 
 
-def triple_label(kg: KnowledgeGraph, h: int, r: int, t: int) -> str:
+def _triple_label(kg: KnowledgeGraph, h: int, r: int, t: int) -> str:
     """A triple as "(head name, relation text, tail name)"."""
     return f"({kg.entity_names[h]}, {kg.relation_texts[r]}, {kg.entity_names[t]})"
 
@@ -167,7 +167,7 @@ def case_studies(
     df.insert(
         0,
         "triple",
-        [triple_label(kg, *row) for row in df[["head", "relation", "tail"]].itertuples(False)],
+        [_triple_label(kg, *row) for row in df[["head", "relation", "tail"]].itertuples(False)],
     )
     return df
 
