@@ -151,6 +151,32 @@ def test_choose_ranks_the_gold_under_either_reduction() -> None:
     assert summary.loc["tail", "accuracy_lo"] < 1.0 == summary.loc["tail", "accuracy_hi"]
 
 
+def test_classification_pairs_compare_the_margins_of_a_pair() -> None:
+    yes_no, no_yes = [questions.YES, questions.NO], [questions.NO, questions.YES]
+    df = pd.DataFrame(
+        {
+            "task": ["tail"] + ["classification"] * 4,
+            "candidates": [["g", "d"], yes_no, no_yes, yes_no, no_yes],
+            # mean margins: -1.0 vs -1.5 (right, though "No" always wins), then 0 vs 0;
+            # summed margins: -7 vs -11.5, then 1 vs -2
+            "log_likelihood": [[-1.0, -2.0], [-8.0, -1.0], [-0.5, -12.0], [-1.0, -2.0], [-3, -5]],
+            "tokens": [[1, 1], [4, 1], [1, 6], [2, 4], [3, 5]],
+            "true": [True, True, False, True, False],
+            "head": [9, 0, 0, 2, 7],
+            "relation": [0, 0, 0, 1, 1],
+            "tail": [9, 1, 5, 3, 3],
+        }
+    )
+    pairs = likelihood.classification_pairs(df)
+    assert pairs[["head", "relation", "tail"]].values.tolist() == [[0, 0, 1], [2, 1, 3]]
+    np.testing.assert_allclose(pairs["margin_true"], [-1.0, 0.0])
+    np.testing.assert_allclose(pairs["margin_false"], [-1.5, 0.0])
+    assert pairs["correct"].tolist() == [True, False]  # a tie is not right
+    assert likelihood.classification_pairs(df, "sum")["correct"].tolist() == [True, True]
+    with pytest.raises(ValueError, match="do not filter or reorder"):
+        likelihood.classification_pairs(df.iloc[[0, 2, 1, 3, 4]])
+
+
 def test_compare_and_disagreements_pair_the_questions() -> None:
     tasks = ["tail"] * 4 + ["relation"] * 2
     first = likelihood.choose(_rows([[-1.0, -2.0]] * 6, [[1, 1]] * 6, tasks))

@@ -47,7 +47,7 @@ from kalm.config import RunConfig
 from kalm.data import KnowledgeGraph
 from kalm.evaluate.candidates import CANDIDATES, question_candidates
 from kalm.evaluate.kgc import rank
-from kalm.evaluate.questions import TASKS, build_questions
+from kalm.evaluate.questions import NO, TASKS, YES, build_questions
 from kalm.evaluate.statistics import (
     accuracy_with_ci,
     chance_level,
@@ -63,6 +63,7 @@ __all__ = [
     "Reduction",
     "candidate_log_likelihoods",
     "choose",
+    "classification_pairs",
     "compare_choices",
     "disagreements",
     "run_choices",
@@ -270,6 +271,40 @@ def summarise_choices(df: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows).set_index("task")
+
+
+def classification_pairs(df: pd.DataFrame, reduction: Reduction = "mean") -> pd.DataFrame:
+    """Triple classification read pair by pair, free of a constant verdict.
+
+    A small model's likelihoods often prefer one verdict for every triple (the untuned
+    SmolLM2-135M chose "No" for all 16 questions of a WN18RR validation sample), which puts
+    plain accuracy at the majority share whatever the model knows. Each true triple is asked next to its corruption with
+    the same shots (:func:`~kalm.evaluate.questions.build_questions`), so the pair answers a
+    cleaner question: is the margin score(YES) - score(NO) larger for the true triple? Chance
+    is 1/2, and a bias shared by both questions cancels.
+
+    One row per pair: the true triple (head, relation, tail), both margins and ``correct``
+    (the true triple's margin is strictly larger). ``df`` holds the classification rows of
+    :func:`run_choices` in question order (true, then corrupted).
+    """
+    part = df[df["task"] == "classification"]
+    truth = part["true"].to_numpy(dtype=bool)
+    if len(part) % 2 or not (truth[::2].all() and not truth[1::2].any()):
+        raise ValueError(
+            f"classification_pairs: expected the {len(part)} classification rows of "
+            "run_choices in question order (a true triple, then its corruption); do not "
+            "filter or reorder them"
+        )
+    margins = []
+    columns = (part["candidates"], part["log_likelihood"], part["tokens"])
+    for options, ll, n in zip(*columns, strict=True):
+        scores = dict(zip(options, _reduce(np.asarray(ll), np.asarray(n), reduction), strict=True))
+        margins.append(scores[YES] - scores[NO])
+    true_margin, false_margin = np.asarray(margins[::2]), np.asarray(margins[1::2])
+    pairs = part.iloc[::2][["head", "relation", "tail"]].reset_index(drop=True)
+    return pairs.assign(
+        margin_true=true_margin, margin_false=false_margin, correct=true_margin > false_margin
+    )
 
 
 def _paired(first: pd.DataFrame, second: pd.DataFrame) -> None:
