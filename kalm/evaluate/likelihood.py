@@ -109,7 +109,9 @@ def _question_likelihoods(
     out = body(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     cache = getattr(out, cache_name)
     cache.batch_repeat_interleave(k)
-    batch = pad_batch(answers, 0)  # the pad id is never read: the mask hides it
+    # Pads follow every real token, so causal attention never shows one to a real token and
+    # their outputs are dropped: the pad id does not matter.
+    batch = pad_batch(answers, 0)
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     full_mask = torch.cat([mask.new_ones(k, len(prompt)), mask], dim=1)
     hidden = body(input_ids=ids, attention_mask=full_mask, **{cache_name: cache}).last_hidden_state
@@ -278,10 +280,11 @@ def classification_pairs(df: pd.DataFrame, reduction: Reduction = "mean") -> pd.
 
     A small model's likelihoods often prefer one verdict for every triple (the untuned
     SmolLM2-135M chose "No" for all 16 questions of a WN18RR validation sample), which puts
-    plain accuracy at the majority share whatever the model knows. Each true triple is asked next to its corruption with
-    the same shots (:func:`~kalm.evaluate.questions.build_questions`), so the pair answers a
-    cleaner question: is the margin score(YES) - score(NO) larger for the true triple? Chance
-    is 1/2, and a bias shared by both questions cancels.
+    plain accuracy at the majority share whatever the model knows. Each true triple is asked
+    next to its corruption with the same shots
+    (:func:`~kalm.evaluate.questions.build_questions`), so the pair answers a cleaner
+    question: is the margin score(YES) - score(NO) larger for the true triple? Chance is 1/2,
+    and a bias shared by both questions cancels.
 
     One row per pair: the true triple (head, relation, tail), both margins and ``correct``
     (the true triple's margin is strictly larger). ``df`` holds the classification rows of
