@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ __all__ = [
     "PRECISIONS",
     "ModelRef",
     "ModelUnavailableError",
+    "cache_argument",
     "cache_dir",
     "compute_dtype",
     "decoder_of",
@@ -376,6 +378,13 @@ def decoder_of(model: nn.Module) -> nn.Module:
     """The transformer body (no LM head) of a causal LM, also through a peft wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder()
+
+
+def cache_argument(decoder: nn.Module) -> str:
+    """The name of the attention-cache argument (and output field) of ``decoder``'s forward:
+    transformers 5 renamed ``past_key_values`` to ``cache``."""
+    forward = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
 
 
 def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
