@@ -27,6 +27,7 @@ _SUBMODULES = (
     "paper",
     "plots",
     "prompts",
+    "published",
     "runs",
     "theory",
     "train",
