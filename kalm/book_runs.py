@@ -22,9 +22,9 @@ from kalm.published import (
     VERIFY_TOLERANCE,
     PublishError,
     compare_records,
+    is_published,
     plan_line,
     publish,
-    run_state,
 )
 from kalm.results import BOOK_RESULTS
 from kalm.runs import Run
@@ -113,7 +113,7 @@ def verify(
         f"{e.page}: {Run.trained(cfg).path.name}"
         for e in experiments
         for cfg in page_runs(e, page_config(e, model=model, profile=profile))
-        if run_state(Run.trained(cfg))[0] != "published"
+        if not is_published(Run.trained(cfg))
     ]
     if missing:
         print("not published, so not verifiable without training:", file=sys.stderr)

@@ -42,6 +42,7 @@ from typing import Any, Literal
 from kalm.config import REPO_ROOT, RunConfig, load_config
 from kalm.durable import (
     RunStoreError,
+    atomic_write_json,
     atomic_writer,
     read_json,
     read_jsonl,
@@ -57,6 +58,7 @@ __all__ = [
     "PublishError",
     "PublishedRun",
     "RunState",
+    "is_published",
     "keep_precision",
     "locate",
     "publish",
@@ -94,6 +96,11 @@ class PublishError(RuntimeError):
 def _folder(run: Run) -> Path:
     """The published folder of ``run`` (named as its local directory)."""
     return PUBLISHED_DIR / run.path.name
+
+
+def is_published(run: Run) -> bool:
+    """Whether the book publishes ``run`` finished (its files are verified when it is loaded)."""
+    return (_folder(run) / "done.json").exists()
 
 
 @dataclass(frozen=True)
@@ -137,10 +144,9 @@ def locate(run: Run) -> Run:
     """
     if run.completion() is not None:
         return run
-    source = _folder(run)
-    if not (source / "done.json").exists():
+    if not is_published(run):
         return run
-    published = PublishedRun(run.path, source)
+    published = PublishedRun(run.path, _folder(run))
     published.completion()
     return published
 
@@ -154,7 +160,7 @@ def restore_checkpoint(run: Run) -> int | None:
     """
     if run.checkpoint_path.exists() or run.done_path.exists():
         return None
-    if (_folder(run) / "done.json").exists():  # the finished run is published: nothing resumes
+    if is_published(run):  # the finished run is published: nothing resumes
         return None
     source = _folder(run) / CHECKPOINT
     if not (source / CHECKPOINT_MANIFEST).exists():
@@ -180,7 +186,7 @@ def run_state(run: Run) -> tuple[RunState, int | None]:
     if run.done_path.exists():
         return "finished", None
     folder = _folder(run)
-    if (folder / "done.json").exists():
+    if is_published(run):
         return "published", None
     if run.checkpoint_path.exists():
         return "checkpoint", checkpoint_step(run.checkpoint_path)
@@ -210,6 +216,11 @@ def _progress(cfg: RunConfig) -> int:
     return 2 if state in ("finished", "published") else 1 if state != "none" else 0
 
 
+def _auto(cfg: RunConfig) -> bool:
+    """Whether the profile of ``cfg`` leaves the precision to the machine (``auto``)."""
+    return load_config().profiles[cfg.profile]["train"].get("precision") == "auto"
+
+
 def keep_precision(cfg: RunConfig) -> RunConfig:
     """``cfg``, or ``cfg`` in the other precision when its profile says ``precision: auto`` and
     the other precision's run of the same configuration is further along (finished against not
@@ -219,7 +230,7 @@ def keep_precision(cfg: RunConfig) -> RunConfig:
     native bf16 (slower there) rather than being trained again in fp32 under another key. At
     equal progress this machine's precision wins. A precision set explicitly is kept as is.
     """
-    if load_config().profiles[cfg.profile]["train"].get("precision") != "auto":
+    if not _auto(cfg):
         return cfg
     other = "fp32" if cfg.train.precision == "bf16" else "bf16"
     alternative = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=other))
@@ -271,14 +282,15 @@ def publish(cfg: RunConfig, *, hardware: str, commit: str | None = None) -> str:
             _check_size(stage, RUN_LIMIT, run)
         return f"{run.path.name}: published the finished run ({describe(record)})"
     if run.checkpoint_path.exists():
-        if (target / "done.json").exists():
+        if is_published(run):
             raise PublishError(
                 f"{target} holds the finished run; the local checkpoint {run.checkpoint_path} "
                 "is of a retraining: finish it, then publish"
             )
         checkpoint = target / CHECKPOINT
         with _staged(checkpoint) as stage:
-            for name in _CHECKPOINT_FILES:
+            atomic_write_json(stage / "config.json", cfg.as_dict())
+            for name in _CHECKPOINT_FILES[1:]:
                 _copy(run.path / name, stage / name)
             step = checkpoint_step(stage / "checkpoint.pt")
             if step is None:
@@ -427,7 +439,7 @@ def _precision_note(cfg: RunConfig) -> str:
     from kalm.config import native_precision
 
     native = native_precision()
-    if cfg.train.precision == native:
+    if cfg.train.precision == native or not _auto(cfg):
         return ""
     return (
         f"; kept in {cfg.train.precision}, the precision the run started in, although this "
