@@ -11,6 +11,11 @@ short runs take longer than the rest of the book). Every page writes its headlin
 ``book/results/<page>.json``; ``--results-dir`` sends them elsewhere, and ``--compare DIR``
 sets the numbers of such a rerun beside the book's. ``--prose`` reruns nothing: it gives the
 executed pages the current markdown of their sources.
+
+Trained runs come from the run store or, when the book publishes them, from ``book/runs/``
+(:mod:`kalm.published`). ``--plan`` says for every page where its runs stand, ``--publish``
+copies them into ``book/runs/`` and ``--verify`` re-executes pages from the published runs and
+checks their numbers against the book's (:mod:`kalm.book_runs`).
 """
 
 from __future__ import annotations

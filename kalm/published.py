@@ -49,19 +49,31 @@ from kalm.durable import (
     verify_manifest,
     write_manifest,
 )
-from kalm.runs import Run
+from kalm.runs import RETRAIN, Run
 
 __all__ = [
+    "BENCHMARK",
+    "CHECKPOINT",
     "CHECKPOINT_LIMIT",
+    "CHECKPOINT_MANIFEST",
     "PUBLISHED_DIR",
+    "REMEDY",
     "RUN_LIMIT",
+    "VERIFY_TOLERANCE",
     "PublishError",
     "PublishedRun",
     "RunState",
+    "checkpoint_step",
+    "compare_records",
+    "describe",
+    "folder_size",
+    "git_commit",
     "is_published",
     "keep_precision",
     "locate",
+    "plan_line",
     "publish",
+    "published_runs",
     "restore_checkpoint",
     "run_state",
 ]
@@ -79,8 +91,12 @@ CHECKPOINT = "checkpoint"
 """The folder of a published run that holds the checkpoint of an unfinished run."""
 
 CHECKPOINT_MANIFEST = "manifest.json"
+"""The manifest of a published checkpoint (size and sha256 of its files, step, provenance)."""
 
-_CHECKPOINT_FILES = ("config.json", "train_log.jsonl", "checkpoint.pt")  # the checkpoint last
+_DONE = "done.json"  # the manifest of a finished run, as in the run store
+# Files of a local checkpoint that are published beside the configuration; the checkpoint goes
+# last, so that an interrupted copy into a local store leaves nothing to resume from.
+_CHECKPOINT_FILES = ("train_log.jsonl", "checkpoint.pt")
 
 REMEDY = (
     "A published run is never reused or retrained silently: restore it with "
@@ -94,13 +110,13 @@ class PublishError(RuntimeError):
 
 
 def _folder(run: Run) -> Path:
-    """The published folder of ``run`` (named as its local directory)."""
+    """The published folder of ``run`` (named as its local directory, so by its key)."""
     return PUBLISHED_DIR / run.path.name
 
 
 def is_published(run: Run) -> bool:
     """Whether the book publishes ``run`` finished (its files are verified when it is loaded)."""
-    return (_folder(run) / "done.json").exists()
+    return (_folder(run) / _DONE).exists()
 
 
 @dataclass(frozen=True)
@@ -120,7 +136,7 @@ class PublishedRun(Run):
 
     @property
     def done_path(self) -> Path:
-        return self.source / "done.json"
+        return self.source / _DONE
 
     def completion(self) -> dict[str, Any]:
         """The published record, after every file it lists was checked (size and sha256)."""
@@ -166,7 +182,7 @@ def restore_checkpoint(run: Run) -> int | None:
     if not (source / CHECKPOINT_MANIFEST).exists():
         return None
     record = verify_manifest(source, CHECKPOINT_MANIFEST, remedy=REMEDY)
-    for name in _CHECKPOINT_FILES:
+    for name in ("config.json", *_CHECKPOINT_FILES):
         _copy(source / name, run.path / name)
     return int(record["step"])
 
@@ -278,7 +294,7 @@ def publish(cfg: RunConfig, *, hardware: str, commit: str | None = None) -> str:
         with _staged(target) as stage:
             for name in files:  # adapter, log and configuration: never checkpoints or caches
                 _copy(run.path / name, stage / name)
-            write_manifest(stage, "done.json", record)
+            write_manifest(stage, _DONE, record)
             _check_size(stage, RUN_LIMIT, run)
         return f"{run.path.name}: published the finished run ({describe(record)})"
     if run.checkpoint_path.exists():
@@ -290,11 +306,11 @@ def publish(cfg: RunConfig, *, hardware: str, commit: str | None = None) -> str:
         checkpoint = target / CHECKPOINT
         with _staged(checkpoint) as stage:
             atomic_write_json(stage / "config.json", cfg.as_dict())
-            for name in _CHECKPOINT_FILES[1:]:
+            for name in _CHECKPOINT_FILES:
                 _copy(run.path / name, stage / name)
             step = checkpoint_step(stage / "checkpoint.pt")
             if step is None:
-                raise RunStoreError(run.path, run.checkpoint_path, "cannot be read", REMEDY)
+                raise RunStoreError(run.path, run.checkpoint_path, "cannot be read", RETRAIN)
             write_manifest(stage, CHECKPOINT_MANIFEST, provenance | {"step": step})
             _check_size(stage, CHECKPOINT_LIMIT, run)
         return f"{run.path.name}: published its checkpoint at step {step:,}"
@@ -304,7 +320,7 @@ def publish(cfg: RunConfig, *, hardware: str, commit: str | None = None) -> str:
 def _published_files(folder: Path) -> dict[str, Any] | None:
     """The files a published run's manifest lists, or None (not published, or unreadable)."""
     try:
-        return read_json(folder / "done.json").get("files")
+        return read_json(folder / _DONE).get("files")
     except (RunStoreError, AttributeError):
         return None
 
@@ -377,7 +393,7 @@ def plan_line(page: str, cfg: RunConfig) -> str:
         return f"{head}: in the local store, finished{note}"
     if state == "published":
         try:
-            about = describe(read_json(folder / "done.json"))
+            about = describe(read_json(folder / _DONE))
         except RunStoreError as err:
             about = f"its done.json is unreadable: {err.problem}"
         return f"{head}: published in {folder} ({about}){note}"

@@ -176,8 +176,8 @@ def test_the_plan_estimates_from_the_runs_own_log(shelf: Path) -> None:
 def test_the_published_runs_of_the_book_keep_their_size_limits() -> None:
     """Every folder of book/runs/: a finished run of at most 25 MB holding nothing but its
     adapter, log, configuration and manifest, or a checkpoint of at most 75 MB."""
-    root = REPO_ROOT / "book" / "runs"
-    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+    assert REPO_ROOT / "book" / "runs" == published.PUBLISHED_DIR
+    for folder in published.published_runs():
         checkpoint = folder / published.CHECKPOINT
         if checkpoint.is_dir():
             assert published.folder_size(checkpoint) <= published.CHECKPOINT_LIMIT, checkpoint
