@@ -300,32 +300,64 @@ def test_a_run_keeps_the_precision_it_started_in(
     assert published.keep_precision(cfg) == cfg  # equal progress: this machine's precision
 
 
+def glued(**numbers: object) -> str:
+    """An executed page whose only outputs are glued values (as myst-nb stores them)."""
+    prefix = "application/papermill.record/"
+    outputs = [
+        {
+            "output_type": "display_data",
+            "metadata": {"scrapbook": {"mime_prefix": prefix, "name": name}},
+            "data": {f"{prefix}text/plain": repr(value)},
+        }
+        for name, value in numbers.items()
+    ]
+    return json.dumps({"cells": [{"cell_type": "code", "outputs": outputs}]})
+
+
 def test_verify_compares_every_number_within_the_stated_tolerance(
     shelf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    """The page's record and the numbers glued into its executed copy are compared with the
+    book's; glued speeds measure the machine and are left out."""
     kgc = next(e for e in execute.BOOK_EXPERIMENTS if e.page == "kgc")
     cfg = execute.page_config(kgc, profile="smoke")
-    reference = tmp_path / "book results"
-    reference.mkdir()
-    (reference / "kgc.json").write_text(json.dumps({"model": "smollm2", "MRR": 0.5, "n": 10}))
-    assert book_runs.verify([kgc], profile="smoke", reference=reference) == 1
+    book = {"reference": tmp_path / "results", "executed": tmp_path / "pages"}
+    for folder in book.values():
+        folder.mkdir()
+    (book["reference"] / "kgc.json").write_text(json.dumps({"model": "smollm2", "MRR": 0.5}))
+    (book["executed"] / "kgc.ipynb").write_text(glued(kgc_mrr=0.5, kgc_n=10, kgc_ex_per_s=3.0))
+    assert book_runs.verify([kgc], profile="smoke", **book) == 1
     assert "not published, so not verifiable without training" in capsys.readouterr().err
     experiment.train_or_load(cfg, progress=False)
     publish(cfg, hardware=HARDWARE, commit="0123abc")
+    rerun = {"mrr": 0.505, "n": 10}
 
-    def rerun(experiment_: execute.Experiment, **kwargs: object) -> Path:
+    def execute_page(page: execute.Experiment, **kwargs: object) -> Path:
         assert Path(os.environ["KALM_RUNS_DIR"]).parent == kwargs["executed"]  # an empty store
-        out = Path(os.environ["KALM_RESULTS_DIR"]) / f"{experiment_.page}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": "smollm2", "MRR": mrr, "n": 10}))
-        return out
+        out = Path(os.environ["KALM_RESULTS_DIR"])
+        (out / "kgc.json").write_text(json.dumps({"model": "smollm2", "MRR": rerun["mrr"]}))
+        notebook = glued(kgc_mrr=rerun["mrr"], kgc_n=rerun["n"], kgc_ex_per_s=9.0)
+        (out / "kgc.ipynb").write_text(notebook)
+        return out / "kgc.ipynb"
 
-    monkeypatch.setattr(book_runs, "execute", rerun)
-    mrr = 0.505
-    assert book_runs.verify([kgc], profile="smoke", reference=reference) == 0
+    monkeypatch.setattr(book_runs, "execute", execute_page)
+    assert book_runs.verify([kgc], profile="smoke", **book) == 0
     out = capsys.readouterr().out
-    assert "within 2.0% (relative)" in out and "kgc: agrees with" in out
-    mrr = 0.6
-    assert book_runs.verify([kgc], profile="smoke", reference=reference) == 1
-    assert "MRR: 0.5 in the book, 0.6 in the rerun (16.67%)" in capsys.readouterr().out
-    assert book_runs.verify([kgc], profile="smoke", reference=reference, tolerance=0.2) == 0
+    assert "within 2.0% (relative)" in out and "kgc: agrees (" in out
+    rerun["mrr"] = 0.6
+    assert book_runs.verify([kgc], profile="smoke", **book) == 1
+    out = capsys.readouterr().out
+    assert "kgc.json: MRR: 0.5 in the book, 0.6 in the rerun (16.67%)" in out
+    assert "kgc.ipynb: kgc_mrr: 0.5 in the book, 0.6 in the rerun (16.67%)" in out
+    assert book_runs.verify([kgc], profile="smoke", **book, tolerance=0.2) == 0
+    rerun["n"] = 11
+    assert book_runs.verify([kgc], profile="smoke", **book, tolerance=0.2) == 0  # 9.1%
+    assert book_runs.verify([kgc], profile="smoke", **book) == 1
+    assert "kgc.ipynb: kgc_n: 10 in the book, 11 in the rerun" in capsys.readouterr().out
+
+
+def test_glued_numbers_of_an_executed_page() -> None:
+    numbers = book_runs.glued_numbers(REPO_ROOT / "book" / "experiments" / "kgc.ipynb")
+    assert {"kgc_wn18rr_mrr_kalm", "kgc_wn18rr_steps", "kgc_wn18rr_train_minutes"} <= set(numbers)
+    assert not [name for name in numbers if name.endswith("_per_s")]
+    assert all(isinstance(v, int | float) for v in numbers.values())
