@@ -255,14 +255,14 @@ def keep_precision(cfg: RunConfig) -> RunConfig:
 
 # -------------------------------------------------------------------------------- publishing
 def git_commit() -> str:
-    """The commit of the working tree (``+dirty`` when it has uncommitted changes), or
-    ``unknown`` outside a git checkout."""
+    """The commit of the working tree (``+dirty`` when it has uncommitted changes outside
+    ``book/runs/``), or ``unknown`` outside a git checkout."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(  # publishing itself changes book/runs/: not counted
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(exclude)book/runs"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,

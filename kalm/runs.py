@@ -12,7 +12,8 @@ Nothing is trusted as found. ``done.json`` is a manifest (size and sha256 of eve
 finished run) written last, and a run counts as finished only if it verifies; a damaged part of
 a trained run raises :class:`~kalm.durable.RunStoreError` rather than being retrained silently.
 Cache entries carry a seal (size, sha256 and what they derive from) and are recomputed, with a
-one-line warning, when it does not match.
+one-line warning, when it does not match. The runs the book ships live in ``book/runs/``
+(:mod:`kalm.published`).
 """
 
 from __future__ import annotations
