@@ -252,6 +252,23 @@ def test_a_published_checkpoint_resumes_bitwise_in_an_empty_store(
     assert not folder.exists() and (shelf / run.path.name / "done.json").is_file()
 
 
+def test_a_local_checkpoint_wins_over_a_published_one(
+    shelf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = resolve(**CFG)
+    monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path / "first machine"))
+    _pause(cfg, 2)
+    publish(cfg, hardware=HARDWARE, commit="0123abc")
+    monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path / "second machine"))
+    run = Run.trained(cfg)
+    run.path.mkdir(parents=True)
+    torch.save({"step": 1}, run.checkpoint_path)  # this machine's own progress
+    before = run.checkpoint_path.read_bytes()
+    assert published.restore_checkpoint(run) is None
+    assert run.checkpoint_path.read_bytes() == before
+    assert published.run_state(run) == ("checkpoint", 1)
+
+
 def test_a_tampered_published_checkpoint_is_named(
     shelf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
