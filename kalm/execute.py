@@ -231,7 +231,8 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
     Papermill reports cells, not optimiser steps, so without this a regeneration from an empty
     run store sits on one cell for hours; the line says how much training comes, in which
     precision (``auto`` resolved for this machine), from which step a regeneration that spans
-    sessions resumes, and which file to follow.
+    sessions resumes (from a local or a published checkpoint), and which file to follow. A run
+    the book publishes is announced as loaded from ``book/runs/``, after its files verified.
     """
     run = Run.trained(cfg)
     if not retrain and run.completion() is not None:

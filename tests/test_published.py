@@ -149,12 +149,15 @@ def test_plan_of_a_fresh_store_names_the_published_runs(
     kgc = next(e for e in execute.BOOK_EXPERIMENTS if e.page == "kgc")
     cfg = execute.page_config(kgc, profile="smoke")
     experiment.train_or_load(cfg, progress=False)
-    publish(cfg, hardware=HARDWARE, commit="0123abc")
+    name = Run.trained(cfg).path.name
+    assert execute.main(["--publish", "kgc", "kgc_fb15k237", "--profile", "smoke"]) == 0
+    published_line, skipped = capsys.readouterr()
+    assert published_line.startswith(f"kgc: {name}: published the finished run (4 steps")
+    assert "kgc_fb15k237: not published: " in skipped and "nor a checkpoint" in skipped
     shutil.rmtree(Run.trained(cfg).path.parent)
     monkeypatch.setattr(experiment, "_load", lambda cfg: pytest.fail("--plan loaded a model"))
     assert execute.main(["--plan", "--profile", "smoke"]) == 0
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
-    name = Run.trained(cfg).path.name
     assert lines["kgc"].startswith(f"{name}: published in {shelf / name} (4 steps, 32 examples")
     assert lines["similarity"] == f"{name}: the run of the page kgc (above)"
     assert "to be trained: 4 steps of 8 examples in fp32, no estimate" in lines["kgc_fb15k237"]
