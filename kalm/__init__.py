@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "analysis",
+    "book_runs",
     "config",
     "data",
     "durable",
@@ -29,6 +30,7 @@ _SUBMODULES = (
     "paper",
     "plots",
     "prompts",
+    "published",
     "results",
     "runs",
     "settings",

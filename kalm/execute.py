@@ -11,6 +11,11 @@ short runs take longer than the rest of the book). Every page writes its headlin
 ``book/results/<page>.json``; ``--results-dir`` sends them elsewhere, and ``--compare DIR``
 sets the numbers of such a rerun beside the book's. ``--prose`` reruns nothing: it gives the
 executed pages the current markdown of their sources.
+
+Trained runs come from the run store or, when the book publishes them, from ``book/runs/``
+(:mod:`kalm.published`). ``--plan`` says for every page where its runs stand, ``--publish``
+copies them into ``book/runs/`` and ``--verify`` re-executes pages from the published runs and
+checks their numbers against the book's (:mod:`kalm.book_runs`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 from kalm import hardware
 from kalm.config import REPO_ROOT, RunConfig, load_config, resolve
 from kalm.durable import atomic_write_text
+from kalm.published import VERIFY_TOLERANCE, keep_precision, locate, run_state
 from kalm.runs import Run
 
 __all__ = [
@@ -90,7 +96,8 @@ def page_config(
 ) -> RunConfig:
     """The resolved configuration of a page (``profile="auto"`` becomes a real profile)."""
     model = model or load_config().default_model
-    return resolve(**{"model": model, "profile": profile, **experiment.parameters})
+    cfg = resolve(**{"model": model, "profile": profile, **experiment.parameters})
+    return keep_precision(cfg)  # as the page's notebook_config does
 
 
 def execute(
@@ -99,8 +106,9 @@ def execute(
     model: str | None = None,
     profile: str = "auto",
     retrain: bool = False,
+    executed: Path = EXECUTED,
 ) -> Path:
-    """Run one experiment notebook into ``book/experiments/<page>.ipynb`` and return its path.
+    """Run one experiment notebook into ``<executed>/<page>.ipynb`` and return its path.
 
     ``retrain`` is the notebook parameter: the page trains anew every run it uses.
     """
@@ -114,12 +122,12 @@ def execute(
         "retrain": retrain,
     }
     source = NOTEBOOKS / f"{experiment.notebook}.ipynb"
-    target = EXECUTED / f"{experiment.page}.ipynb"
+    target = executed / f"{experiment.page}.ipynb"
     # A temporary name of this process: a failed run keeps the previous executed copy, and two
     # runs of one page never write into one file.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     started = time.perf_counter()
-    print(f"== {source.relative_to(REPO_ROOT)} -> {target.relative_to(REPO_ROOT)} {params}")
+    print(f"== {source.relative_to(REPO_ROOT)} -> {target} {params}")
     try:
         papermill.execute_notebook(
             str(source),
@@ -211,35 +219,25 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
     Papermill reports cells, not optimiser steps, so without this a regeneration from an empty
     run store sits on one cell for hours; the line says how much training comes, in which
     precision (``auto`` resolved for this machine), from which step a regeneration that spans
-    sessions resumes, and which file to follow.
+    sessions resumes (from a local or a published checkpoint), and which file to follow. A run
+    the book publishes is announced as loaded from ``book/runs/``, after its files verified.
     """
     run = Run.trained(cfg)
     if not retrain and run.completion() is not None:
         return None
+    state, resume = run_state(run) if not retrain else ("none", None)
+    if state == "published":
+        return f"   loads the published run {locate(run).done_path.parent}"
     t = cfg.train
     steps = f"{t.max_steps:,} steps of {t.global_batch_size} examples"
     budget = steps if t.max_steps else f"{t.epochs:g} epochs"
-    resume = _checkpoint_step(run) if not retrain else None
     resuming = f", resuming at step {resume:,}" if resume else ""
+    if resume and state == "published checkpoint":
+        resuming += " of its published checkpoint"
     return (
         f"   trains {run.path.name}: {budget} in {t.precision}{resuming}; "
         f"progress: {run.train_log_path}"
     )
-
-
-def _checkpoint_step(run: Run) -> int | None:
-    """The step an unfinished run resumes from, or None without a readable checkpoint (training
-    itself then names the problem)."""
-    if not run.checkpoint_path.is_file():
-        return None
-    import torch
-
-    try:
-        # Memory-mapped: only the step is read here, the tensors stay on disk for training.
-        state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-        return int(state["step"])
-    except Exception:  # an announcement never stops a regeneration
-        return None
 
 
 def regeneration_table(executed: Path = EXECUTED) -> str:
@@ -314,6 +312,30 @@ def main(argv: list[str] | None = None) -> int:
         help="run nothing: give the chosen executed pages (default: all) the current markdown of "
         "their source notebooks; refused for a page whose code changed since it ran",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="run nothing: print for every chosen page and run whether it is published, in the "
+        "run store (finished or at step N) or to be trained, with an estimate of the minutes",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="copy the finished runs of the chosen pages (default: all) into book/runs/, and the "
+        "latest checkpoint of an unfinished one into book/runs/<run>/checkpoint/",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-execute the chosen pages from the published runs into a temporary directory and "
+        "compare every number of their book/results/<page>.json; exit 1 on a mismatch",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=VERIFY_TOLERANCE,
+        help=f"relative tolerance of --verify (default {VERIFY_TOLERANCE:g})",
+    )
     args = parser.parse_args(argv)
     if args.compare is not None:
         from kalm.results import compare
@@ -340,6 +362,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"refused: {err}", file=sys.stderr)
                 refused += 1
         return 1 if refused else 0
+    if args.plan or args.publish or args.verify:
+        from kalm import book_runs  # plans, publishes and verifies the pages' runs
+
+        named = [e for e in BOOK_EXPERIMENTS if e.page in args.pages] or list(BOOK_EXPERIMENTS)
+        options = {"model": args.model, "profile": args.profile}
+        if args.plan:
+            return book_runs.plan(chosen, **options)
+        if args.publish:
+            return book_runs.publish_pages(named, **options)
+        return book_runs.verify(chosen, **options, tolerance=args.tolerance)
     retrained: set[Path] = set()
     for experiment in chosen:
         cfg = page_config(experiment, model=args.model, profile=args.profile)

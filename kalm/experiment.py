@@ -25,6 +25,7 @@ from kalm.config import ConfigError, EvalConfig, RunConfig, TrainConfig, resolve
 from kalm.data import load_kg
 from kalm.durable import RunStoreError, lock_directory
 from kalm.models import load_model
+from kalm.published import keep_precision, locate, restore_checkpoint
 from kalm.runs import RETRAIN, Run
 from kalm.train import Trainer, check_processes, process_state
 
@@ -72,6 +73,8 @@ def train_or_load(
     Training is the only expensive path; every notebook calls this, so the first one trains and
     the others reuse the adapter. The run directory is locked throughout: a second process for
     the same configuration waits (up to ``wait`` seconds) and then loads what the first trained.
+    A run the book publishes (:mod:`kalm.published`) is loaded from ``book/runs/`` when the local
+    store lacks it, and its published checkpoint resumes an unfinished one.
     A finished run is loaded only if its files verify; a damaged one raises
     :class:`~kalm.durable.RunStoreError` and is retrained only on request: ``retrain=True``
     discards the run and trains it again. ``retrain=None`` follows the notebook parameter
@@ -96,13 +99,16 @@ def train_or_load(
             run.discard()
         if retrain:
             _retrained.add(run.path)
+        elif main:
+            restore_checkpoint(run)  # a published checkpoint resumes as a local one does
         state.wait_for_everyone()
-        record = run.completion()
+        found = run if retrain else locate(run)  # the local store first, then book/runs/
+        record = found.completion()
         if record is None:
             check_processes(cfg.train, state.num_processes)  # before minutes of loading
         model, tokenizer = _load(cfg)
         if record is not None:
-            return _load_adapter(model, run), tokenizer, run
+            return _load_adapter(model, found), tokenizer, found
         if main:
             run.save_config(cfg)
         trainer = Trainer(model, tokenizer, load_kg(cfg.dataset), cfg, run)
@@ -174,6 +180,8 @@ def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
         seed=namespace["seed"],
         **overrides,
     )
+    if "precision" not in overrides:  # a run keeps the precision it started in
+        cfg = keep_precision(cfg)
     _session["retrain"] = retrain
     return cfg
 

@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
         "--runs-dir",
         type=Path,
         default=None,
-        help="run store (default: KALM_RUNS_DIR, else runs/ in the repository); run the "
+        help="run store (default: KALM_RUNS_DIR, else ~/.cache/kalm/runs); run the "
         "notebooks with the same KALM_RUNS_DIR to reuse the run",
     )
     cli.add_argument(

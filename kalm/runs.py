@@ -1,6 +1,6 @@
 """The run store: one directory per resolved configuration, so notebooks share trained adapters.
 
-``runs/<model>-<dataset>-<profile>-s<seed>-<hash>/`` (``<model>`` is the alias, or a local
+``<store>/<model>-<dataset>-<profile>-s<seed>-<hash>/`` (``<model>`` is the alias, or a local
 directory's name and a digest of its path) holds ``config.json``, the training log,
 ``checkpoint.pt`` while training, ``adapter/`` (peft's standard format) and the completion
 record ``done.json`` once finished, metrics (``metrics/*.json``) and cached embeddings
@@ -12,7 +12,8 @@ Nothing is trusted as found. ``done.json`` is a manifest (size and sha256 of eve
 finished run) written last, and a run counts as finished only if it verifies; a damaged part of
 a trained run raises :class:`~kalm.durable.RunStoreError` rather than being retrained silently.
 Cache entries carry a seal (size, sha256 and what they derive from) and are recomputed, with a
-one-line warning, when it does not match.
+one-line warning, when it does not match. The runs the book ships live in ``book/runs/``
+(:mod:`kalm.published`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any
 
 import torch
 
-from kalm.config import REPO_ROOT, RunConfig
+from kalm.config import RunConfig
+from kalm.data.files import user_cache
 from kalm.durable import (
     RunStoreError,
     StoreWarning,
@@ -59,8 +61,9 @@ _DERIVED = ("cache/*", "metrics/*")
 
 
 def runs_dir() -> Path:
-    """Root of the run store: ``KALM_RUNS_DIR`` or ``runs/`` in the repository."""
-    return Path(os.environ.get("KALM_RUNS_DIR", REPO_ROOT / "runs"))
+    """Root of the run store: ``KALM_RUNS_DIR``, else ``runs/`` in the user cache
+    (``~/.cache/kalm/runs``), outside the working tree so that laying it anew loses no run."""
+    return Path(os.environ.get("KALM_RUNS_DIR") or user_cache() / "runs")
 
 
 def _slug(text: str) -> str:

@@ -29,6 +29,7 @@ from kalm.encoder import Encoder
 from kalm.evaluate import kgqa, lm
 from kalm.evaluate.protocol import evaluate_kgc
 from kalm.experiment import load_base, train_or_load
+from kalm.published import locate
 from kalm.results import labels, results_dir
 from kalm.runs import Run
 from kalm.views import ViewBuilder
@@ -159,7 +160,7 @@ def evaluate_arm(
     tail-prediction accuracy on validation triples. Cached in the arm's run directory.
     """
     name = Run.metric_name("study", cfg, "valid") + ("-language" if language else "")
-    finished = Run.trained(cfg)
+    finished = locate(Run.trained(cfg))
     cached = finished.load_metrics(name) if finished.completion() is not None else None
     if cached is not None:  # a rerun of a study loads no model
         return cached
@@ -203,7 +204,7 @@ def run_study(
     for arm in arms:
         arm_cfg = arm_config(cfg, arm.changes)
         rows[arm.label] = evaluate_arm(arm_cfg, language=language, progress=progress)
-        runs[arm.label] = Run.trained(arm_cfg)
+        runs[arm.label] = locate(Run.trained(arm_cfg))
     return pd.DataFrame(rows).T.astype(float).rename_axis("arm"), runs
 
 

@@ -53,6 +53,15 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "kalm.studies",
     ),
     "kalm.experiment": ("kalm.launch", "kalm.execute", "kalm.studies"),
+    "kalm.published": (
+        "kalm.experiment",
+        "kalm.train",
+        "kalm.models",
+        "kalm.execute",
+        "kalm.launch",
+        "kalm.studies",
+        "kalm.book_runs",
+    ),
     "kalm.data": (
         "kalm.models",
         "kalm.views",

@@ -23,8 +23,13 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_runs_dir_default_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store lives in the user cache, outside the working tree, unless KALM_RUNS_DIR says."""
     monkeypatch.delenv("KALM_RUNS_DIR", raising=False)
-    assert runs_dir() == REPO_ROOT / "runs"
+    monkeypatch.delenv("KALM_CACHE_DIR", raising=False)
+    assert runs_dir() == Path.home() / ".cache" / "kalm" / "runs"
+    assert not runs_dir().is_relative_to(REPO_ROOT)
+    monkeypatch.setenv("KALM_CACHE_DIR", str(tmp_path / "cache"))
+    assert runs_dir() == tmp_path / "cache" / "runs"
     monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path))
     assert runs_dir() == tmp_path
 
