@@ -32,7 +32,7 @@ from kalm.data import KnowledgeGraph, load_kg
 from kalm.durable import atomic_write_text
 from kalm.models import load_model, load_tokenizer
 from kalm.runs import Run
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 from kalm.views import ViewBuilder
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -21,7 +21,6 @@ _SUBMODULES = (
     "execute",
     "experiment",
     "flops",
-    "launch",
     "losses",
     "models",
     "paper",
@@ -30,6 +29,7 @@ _SUBMODULES = (
     "runs",
     "theory",
     "train",
+    "trainer",
     "views",
 )
 

@@ -1,7 +1,7 @@
 """Experiments: the untuned and the KaLM-tuned model of a configuration, with their run store.
 
 This is the top of the library: it loads models (:mod:`kalm.models`), trains them
-(:mod:`kalm.train`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
+(:mod:`kalm.trainer`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
 :class:`~kalm.runs.Run` for caches and metrics). Evaluation and analysis never import it; the
 notebooks do. The model is passed on as the configuration's :class:`~kalm.config.ModelSpec`.
 Notebooks turn their parameters into a configuration with :func:`notebook_config`.
@@ -26,7 +26,7 @@ from kalm.data import load_kg
 from kalm.durable import RunStoreError, lock_directory
 from kalm.models import load_model
 from kalm.runs import RETRAIN, Run
-from kalm.train import Trainer, check_processes, process_state
+from kalm.trainer import Trainer, check_processes, process_state
 
 __all__ = [
     "NOTEBOOK_PARAMETERS",

@@ -13,7 +13,7 @@ import pytest
 
 from kalm import experiment
 from kalm.config import REPO_ROOT, resolve
-from kalm.launch import _assignment, main
+from kalm.train import _assignment, main
 
 
 def test_help_documents_the_launch_commands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ from kalm.config import resolve
 from kalm.losses import explicit_loss
 from kalm.models import PRECISIONS, load_model
 from kalm.runs import Run
-from kalm.train import Trainer, gather_with_grad, total_steps
+from kalm.trainer import Trainer, gather_with_grad, total_steps
 
 
 def smoke_cfg(**overrides):
