@@ -48,6 +48,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "mixed_precision",
+    "mixed_precision_backward",
     "pool_last_token",
     "warn_if_emulated",
 ]
@@ -95,13 +96,29 @@ def mixed_precision(model: nn.Module) -> Iterator[None]:
     and pooled embeddings are computed in fp32 by their callers.
     """
     dtype = compute_dtype(model)
-    half = dtype in (torch.bfloat16, torch.float16)
     device = next(model.parameters()).device
     with (
-        torch.autocast(device.type, dtype=dtype, enabled=half),
-        disable_input_dtype_casting(model, active=half),
+        torch.autocast(device.type, dtype=dtype, enabled=_half(dtype)),
+        disable_input_dtype_casting(model, active=_half(dtype)),
     ):
         yield
+
+
+@contextmanager
+def mixed_precision_backward(model: nn.Module) -> Iterator[None]:
+    """The context of a backward through a :func:`mixed_precision` forward of ``model``.
+
+    Gradient checkpointing recomputes layers in the backward. torch restores the forward's
+    autocast for that, but not peft's switch that skips the adapters' input cast: a LoRA
+    dropout would then see an fp32 input where the forward saw a bf16 one, and the checkpoint
+    refuses the mismatch. The backward's own matmuls run without autocast, as they should.
+    """
+    with disable_input_dtype_casting(model, active=_half(compute_dtype(model))):
+        yield
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def _gguf_file(spec: ModelSpec) -> Path:

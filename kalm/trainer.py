@@ -49,7 +49,7 @@ from kalm.losses import (
     lm_loss_from_hidden,
     self_negative_diagnostics,
 )
-from kalm.models import decoder_of, embed_batch, mixed_precision
+from kalm.models import decoder_of, embed_batch, mixed_precision, mixed_precision_backward
 from kalm.runs import RETRAIN, Run
 from kalm.views import (
     Collator,
@@ -388,7 +388,8 @@ class Trainer:
                 if self.diagnostics:
                     diagnosed.append(self.diagnostics)
                 t1 = time.perf_counter()
-                self.accelerator.backward(parts["total"] / len(micro))
+                with mixed_precision_backward(self.peft_model):
+                    self.accelerator.backward(parts["total"] / len(micro))
             seconds["forward"] += t1 - t0
             seconds["backward"] += time.perf_counter() - t1
             for name, value in parts.items():

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,26 @@ def test_torchrun_two_processes_then_a_notebook_loads_the_run(
     )
     _, _, run = experiment.train_or_load(cfg, progress=False)
     assert run.path == path
+
+
+def _train(llama_dir: Path, runs: Path, *settings: str) -> list[str]:
+    """The arguments of two smoke steps on WN18RR of the model in ``llama_dir``."""
+    argv = ["--model", str(llama_dir), "--dataset", "wn18rr", "--profile", "smoke"]
+    argv += ["--runs-dir", str(runs), "--set", "max_steps=2"]
+    for setting in settings:
+        argv += ["--set", setting]
+    return argv
+
+
+def test_bf16_checkpointing_and_lora_dropout_train(
+    llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The paper's profile without 8 bit: bf16, gradient checkpointing and LoRA dropout. The
+    recomputation of a checkpointed layer in the backward must cast as its forward did."""
+    settings = ("precision=bf16", "gradient_checkpointing=true", "lora_dropout=0.05")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 may be emulated on this CPU
+        status = main(_train(llama_dir, tmp_path, *settings))
+    assert status == 0, capsys.readouterr().err
+    (run,) = tmp_path.iterdir()
+    assert json.loads((run / "done.json").read_text())["steps"] == 2
