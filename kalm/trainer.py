@@ -201,12 +201,13 @@ class TrainingDiverged(ArithmeticError):
 class StepResult:
     """What one optimiser step computed: the loss components (``l_exp``, ``l_imp``, ``total``,
     ``tau``), the self-negative diagnostics (empty without self-negatives; see
-    :func:`~kalm.losses.self_negative_diagnostics`) and the seconds spent in forward + loss,
-    backward and the optimiser."""
+    :func:`~kalm.losses.self_negative_diagnostics`), the seconds spent in forward + loss,
+    backward and the optimiser, and the learning rate the optimiser step used."""
 
     losses: dict[str, torch.Tensor]
     seconds: dict[str, float]
     diagnostics: dict[str, float]
+    lr: float
 
 
 class Trainer:
@@ -398,6 +399,7 @@ class Trainer:
         if self.tcfg.max_grad_norm > 0:
             params = [p for p in self.module.parameters() if p.requires_grad]
             self.accelerator.clip_grad_norm_(params, self.tcfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]  # the rate of this step; the schedule moves on
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -410,7 +412,7 @@ class Trainer:
             if diagnosed
             else {}
         )
-        return StepResult(losses, seconds, diagnostics)
+        return StepResult(losses, seconds, diagnostics, lr)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` of every process, concatenated in rank order, without gradient (booleans are
@@ -541,7 +543,7 @@ class Trainer:
                 "L_exp": parts["l_exp"],
                 "L_imp": parts["l_imp"],
                 "total": parts["total"],
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": result.lr,
                 "tau": parts["tau"],
                 "examples_per_s": rate,
                 **result.diagnostics,
