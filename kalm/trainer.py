@@ -210,6 +210,12 @@ class StepResult:
     lr: float
 
 
+# The entries of a training checkpoint that a resume reads (those of Trainer.state_dict).
+_CHECKPOINT_KEYS = frozenset(
+    {"step", "adapter", "log_inv_tau", "optimizer", "scheduler", "rng_cpu", "rng_cuda"}
+)
+
+
 class Trainer:
     """Trains one run directory to completion, resuming from its checkpoint if there is one."""
 
@@ -465,8 +471,9 @@ class Trainer:
     def load_checkpoint(self) -> None:
         """Restore a saved training state if the run directory has one.
 
-        An unreadable checkpoint raises RunStoreError naming it: the run is neither resumed
-        from a wrong state nor restarted silently.
+        An unreadable checkpoint, or one without the entries of :meth:`state_dict`, raises
+        RunStoreError naming it: the run is neither resumed from a wrong state nor restarted
+        silently.
         """
         path = self.run.checkpoint_path
         if not path.is_file():
@@ -477,6 +484,14 @@ class Trainer:
             raise RunStoreError(
                 self.run.path, path, f"cannot be read ({type(err).__name__}: {err})", RETRAIN
             ) from err
+        missing = sorted(_CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["all"]
+        if missing:
+            raise RunStoreError(
+                self.run.path,
+                path,
+                f"is not a training checkpoint: it lacks the entries {', '.join(missing)}",
+                f"Delete it to train the run from its first step. {RETRAIN}",
+            )
         unwrapped = self.accelerator.unwrap_model(self.module)
         _set_adapter(unwrapped.model, state["adapter"])
         with torch.no_grad():
@@ -519,52 +534,55 @@ class Trainer:
         batches = iterate_batches(
             self.lengths, self.tcfg.global_batch_size, self.cfg.seed, self.step_count
         )
-        bar = tqdm(
+        self.module.train()
+        # Closed on any exit, so an error is printed on a line of its own.
+        with tqdm(
             total=self.steps,
             initial=self.step_count,
             desc="KaLM training",
             disable=not (progress and main),
-        )
-        self.module.train()
-        while self.step_count < end:
-            _, indices = next(batches)
-            started = time.perf_counter()
-            local = micro_batches(
-                indices,
-                rank=self.accelerator.process_index,
-                processes=self.accelerator.num_processes,
-                accumulation=self.tcfg.gradient_accumulation_steps,
-            )
-            result = self.step([self.collate(part) for part in local])
-            parts = {k: v.item() for k, v in result.losses.items()}
-            rate = len(indices) / (time.perf_counter() - started)
-            record = {
-                "step": self.step_count,
-                "L_exp": parts["l_exp"],
-                "L_imp": parts["l_imp"],
-                "total": parts["total"],
-                "lr": result.lr,
-                "tau": parts["tau"],
-                "examples_per_s": rate,
-                **result.diagnostics,
-            }
-            if not all(math.isfinite(record[k]) for k in ("L_exp", "L_imp", "total")):
-                bar.close()
-                losses = ", ".join(f"{k}={record[k]}" for k in ("L_exp", "L_imp", "total"))
-                raise TrainingDiverged(
-                    f"{self.run.path}: training diverged at step {self.step_count}: the loss is "
-                    f"not finite ({losses}). {_DIVERGED}"
+        ) as bar:
+            while self.step_count < end:
+                record = self._logged_step(next(batches)[1])
+                if main:
+                    append_jsonl(self.run.train_log_path, record)
+                bar.set_postfix(
+                    L_exp=f"{record['L_exp']:.3f}",
+                    L_imp=f"{record['L_imp']:.3f}",
+                    ex_s=f"{record['examples_per_s']:.1f}",
                 )
-            if main:
-                append_jsonl(self.run.train_log_path, record)
-            bar.set_postfix(
-                L_exp=f"{record['L_exp']:.3f}",
-                L_imp=f"{record['L_imp']:.3f}",
-                ex_s=f"{rate:.1f}",
-            )
-            bar.update(1)
-            if self.step_count % self.tcfg.checkpoint_every == 0 or self.step_count == end:
-                self.save_checkpoint()
-        bar.close()
+                bar.update(1)
+                if self.step_count % self.tcfg.checkpoint_every == 0 or self.step_count == end:
+                    self.save_checkpoint()
         self.peft_model.eval()
         return self.peft_model
+
+    def _logged_step(self, indices: np.ndarray) -> dict[str, float]:
+        """One optimiser step on the global batch ``indices`` (this process's share of it) and
+        its log record; a loss that is not finite raises :class:`TrainingDiverged`."""
+        started = time.perf_counter()
+        local = micro_batches(
+            indices,
+            rank=self.accelerator.process_index,
+            processes=self.accelerator.num_processes,
+            accumulation=self.tcfg.gradient_accumulation_steps,
+        )
+        result = self.step([self.collate(part) for part in local])
+        parts = {k: v.item() for k, v in result.losses.items()}
+        record = {
+            "step": self.step_count,
+            "L_exp": parts["l_exp"],
+            "L_imp": parts["l_imp"],
+            "total": parts["total"],
+            "lr": result.lr,
+            "tau": parts["tau"],
+            "examples_per_s": len(indices) / (time.perf_counter() - started),
+            **result.diagnostics,
+        }
+        if not all(math.isfinite(record[k]) for k in ("L_exp", "L_imp", "total")):
+            losses = ", ".join(f"{k}={record[k]}" for k in ("L_exp", "L_imp", "total"))
+            raise TrainingDiverged(
+                f"{self.run.path}: training diverged at step {self.step_count}: the loss is "
+                f"not finite ({losses}). {_DIVERGED}"
+            )
+        return record
