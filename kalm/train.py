@@ -8,15 +8,16 @@ configuration, the number of processes is taken from the launch (``train.process
 the run key) and :func:`kalm.experiment.train_or_load` shares the work out.
 
 It lives above :mod:`kalm.experiment`, which imports the trainer (:mod:`kalm.trainer`); no
-module imports it.
+module imports it. Those, with torch and transformers, are imported only once the arguments
+parse.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -24,11 +25,8 @@ from typing import Any
 
 import yaml
 
-from kalm.config import ConfigError, RunConfig, load_config, resolve
+from kalm.config import REPO_ROOT, ConfigError, RunConfig, load_config, resolve
 from kalm.durable import RunStoreError
-from kalm.experiment import train_or_load
-from kalm.models import ModelUnavailableError
-from kalm.trainer import process_state
 
 __all__ = ["main", "notebook_command", "parser"]
 
@@ -133,18 +131,31 @@ def notebook_command(cfg: RunConfig, overrides: dict[str, Any], runs: Path | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for a configuration or model error).
+    """Run the command line; returns the exit status: 2 for an error of the configuration, the
+    model, the data, the run store or the disk, 1 for a divergence, each told in one line.
 
-    Every process of a launch runs it; only the main process prints.
+    The arguments are parsed before torch and transformers are imported, so ``--help`` and a
+    bad argument answer at once. Every process of a launch runs it; only the main process
+    prints.
     """
     args = parser().parse_args(argv)
+    from kalm.data import DataError
+    from kalm.experiment import train_or_load
+    from kalm.models import ModelUnavailableError
+    from kalm.runs import runs_dir
+    from kalm.trainer import TrainingDiverged, process_state
+
     overrides = dict(args.overrides)
-    if args.runs_dir is not None:
-        os.environ["KALM_RUNS_DIR"] = str(args.runs_dir.resolve())
-    runs = Path(os.environ["KALM_RUNS_DIR"]) if "KALM_RUNS_DIR" in os.environ else None
+    runs = args.runs_dir.resolve() if args.runs_dir is not None else None
     state = process_state()  # joins the launch's processes (one without a launcher)
     overrides.setdefault("processes", state.num_processes)
     main_process = state.is_main_process
+
+    def fail(message: str, status: int) -> int:
+        if main_process:
+            print(f"error: {message}", file=sys.stderr)
+        return status
+
     try:
         cfg = resolve(
             model=args.model,
@@ -160,14 +171,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{t.global_batch_size} examples per step = {t.batch_size} x "
                 f"{t.gradient_accumulation_steps} accumulated x {t.processes} process(es)"
             )
-        _, _, run = train_or_load(cfg, retrain=args.retrain, progress=main_process)
-    except (ConfigError, ModelUnavailableError, RunStoreError) as err:
-        if main_process:
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+        _, _, run = train_or_load(cfg, retrain=args.retrain, progress=main_process, runs=runs)
+    except (ConfigError, ModelUnavailableError, RunStoreError, DataError) as err:
+        return fail(str(err), 2)
+    except TrainingDiverged as err:
+        return fail(str(err), 1)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        return fail(
+            f"no space left on the device of {err.filename or runs or runs_dir()}; free space "
+            "there, or pass --runs-dir on another disk, and run the same command again (it "
+            "resumes from the last checkpoint)",
+            2,
+        )
     if main_process:
+        store = run.path.parent
+        shown = None if store == REPO_ROOT / "runs" else store
         print(f"run {run.path}: {run.done()['steps']} steps, adapter in {run.adapter_dir}")
-        print(f"a notebook loads it with: {notebook_command(cfg, overrides, runs)}")
+        print(f"a notebook loads it with: {notebook_command(cfg, overrides, shown)}")
     return 0
 
 
