@@ -365,8 +365,9 @@ def warn_if_emulated(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(
             "precision bf16 on a CPU without AMX or AVX512-BF16: bf16 matmuls are emulated and "
-            "far slower than fp32 here. Use `precision: auto` or `fp32` "
-            "(e.g. -y 'overrides: {precision: fp32}'), or a machine with native bf16.",
+            "far slower than fp32 here. Use `precision: auto` or `fp32` (`--set "
+            "precision=fp32` on the command line, -y 'overrides: {precision: fp32}' in a "
+            "notebook), or a machine with native bf16.",
             stacklevel=3,
         )
 

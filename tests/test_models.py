@@ -395,8 +395,9 @@ def test_bf16_on_a_cpu_without_it_warns(monkeypatch: pytest.MonkeyPatch) -> None
     """Emulated bf16 is a trap (orders of magnitude slower than fp32): the loader says so and
     names the fix; with native bf16, or in fp32, or on a GPU, it says nothing."""
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
-    with pytest.warns(UserWarning, match=r"without AMX or AVX512-BF16.*precision: auto"):
+    with pytest.warns(UserWarning, match=r"without AMX or AVX512-BF16.*precision: auto") as w:
         models.warn_if_emulated("bf16", torch.device("cpu"))
+    assert "`--set precision=fp32`" in str(w[0].message)  # the command line's syntax too
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         models.warn_if_emulated("fp32", torch.device("cpu"))
