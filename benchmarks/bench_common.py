@@ -33,7 +33,7 @@ from kalm.durable import atomic_write_text
 from kalm.hardware import cpu_flags
 from kalm.models import load_model, load_tokenizer
 from kalm.runs import Run
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 from kalm.views import ViewBuilder
 
 RESULTS = Path(__file__).resolve().parent / "results"

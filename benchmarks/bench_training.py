@@ -26,7 +26,7 @@ from bench_profile import top_ops
 
 from kalm.config import resolve
 from kalm.flops import PassTokens, StepFlops, kalm_step_flops, recipe_step_flops
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 from kalm.views import Batch, KaLMBatch, iterate_batches
 
 MEMORY_GB = 16.0

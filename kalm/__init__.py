@@ -24,7 +24,6 @@ _SUBMODULES = (
     "experiment",
     "flops",
     "hardware",
-    "launch",
     "losses",
     "models",
     "paper",
@@ -38,6 +37,7 @@ _SUBMODULES = (
     "tables",
     "theory",
     "train",
+    "trainer",
     "views",
     "weights",
 )

@@ -1,7 +1,7 @@
 """Experiments: the untuned and the KaLM-tuned model of a configuration, with their run store.
 
 This is the top of the library: it loads models (:mod:`kalm.models`), trains them
-(:mod:`kalm.train`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
+(:mod:`kalm.trainer`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
 :class:`~kalm.runs.Run` for caches and metrics). Evaluation and analysis never import it; the
 notebooks do. The model is passed on as the configuration's :class:`~kalm.config.ModelSpec`.
 Notebooks turn their parameters into a configuration with :func:`notebook_config`.
@@ -12,22 +12,24 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import ConfigError, EvalConfig, RunConfig, TrainConfig, resolve
 from kalm.data import load_kg
-from kalm.durable import RunStoreError, lock_directory
+from kalm.durable import LOCK_NAME, RunStoreError, lock_directory
 from kalm.models import load_model
 from kalm.published import keep_precision, locate, restore_checkpoint
 from kalm.runs import RETRAIN, Run
-from kalm.train import Trainer, check_processes, process_state
+from kalm.trainer import Trainer, check_processes, process_state
 
 __all__ = [
     "NOTEBOOK_PARAMETERS",
@@ -67,6 +69,7 @@ def train_or_load(
     retrain: bool | None = None,
     progress: bool = True,
     wait: float = TRAINING_WAIT,
+    runs: Path | None = None,
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
     """The KaLM-tuned model of ``cfg``: loaded if its run finished, else trained (resuming).
 
@@ -85,8 +88,12 @@ def train_or_load(
     discards it on ``retrain`` and writes every file; the others wait for it at a barrier
     before they read the run, and again before anyone returns, so the adapter is there for
     all of them.
+
+    The run lives in the run store ``runs`` (by default :func:`~kalm.runs.runs_dir`). A new run
+    reads its dataset before the model, so bad data fails in seconds; a run that fails before
+    it holds anything to resume from (a checkpoint) leaves no directory behind.
     """
-    run = Run.trained(cfg)
+    run = Run.trained(cfg, runs)
     if retrain is None:
         retrain = _session["retrain"] and run.path not in _retrained
     state = process_state()
@@ -95,37 +102,68 @@ def train_or_load(
     # The others do not take the lock: waiting for it, they would block the collectives of
     # the main process's training.
     with lock if main else contextlib.nullcontext():
-        if retrain and main:
-            run.discard()
-        if retrain:
-            _retrained.add(run.path)
-        elif main:
-            restore_checkpoint(run)  # a published checkpoint resumes as a local one does
-        state.wait_for_everyone()
-        found = run if retrain else locate(run)  # the local store first, then book/runs/
-        record = found.completion()
-        if record is None:
-            check_processes(cfg.train, state.num_processes)  # before minutes of loading
+        try:
+            tuned, tokenizer, found = _train_or_load_locked(cfg, run, state, retrain, progress)
+        except BaseException:
+            if main:
+                _remove_if_unstarted(run)
+            raise
+    return tuned, tokenizer, found
+
+
+def _train_or_load_locked(
+    cfg: RunConfig, run: Run, state: PartialState, retrain: bool, progress: bool
+) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
+    """The body of :func:`train_or_load`, run under the lock of ``run`` (by its main process):
+    the tuned model, its tokenizer and the run it came from (local, or published)."""
+    main = state.is_main_process
+    if retrain and main:
+        run.discard()
+    if retrain:
+        _retrained.add(run.path)
+    elif main:
+        restore_checkpoint(run)  # a published checkpoint resumes as a local one does
+    state.wait_for_everyone()
+    found = run if retrain else locate(run)  # the local store first, then book/runs/
+    if found.completion() is not None:
         model, tokenizer = _load(cfg)
-        if record is not None:
-            return _load_adapter(model, found), tokenizer, found
-        if main:
-            run.save_config(cfg)
-        trainer = Trainer(model, tokenizer, load_kg(cfg.dataset), cfg, run)
-        tuned = trainer.fit(progress=progress)
-        if main:
-            tuned.save_pretrained(run.adapter_dir)
-            sessions = trainer.sessions()
-            run.save_done(
-                {
-                    "steps": trainer.steps,
-                    "examples": len(trainer.examples),
-                    "seconds": sum(s["seconds"] for s in sessions),
-                    "sessions": sessions,
-                }
-            )
-        state.wait_for_everyone()
+        return _load_adapter(model, found), tokenizer, found
+    check_processes(cfg.train, state.num_processes)  # before minutes of loading
+    kg = load_kg(cfg.dataset)  # before the model too: bad data fails in seconds
+    model, tokenizer = _load(cfg)
+    trainer = Trainer(model, tokenizer, kg, cfg, run)
+    if main:
+        run.save_config(cfg)
+    tuned = trainer.fit(progress=progress)
+    if main:
+        tuned.save_pretrained(run.adapter_dir)
+        sessions = trainer.sessions()
+        run.save_done(
+            {
+                "steps": trainer.steps,
+                "examples": len(trainer.examples),
+                "seconds": sum(s["seconds"] for s in sessions),
+                "sessions": sessions,
+            }
+        )
+    state.wait_for_everyone()
     return tuned, tokenizer, run
+
+
+# What a run directory holds before its first checkpoint; all of it is written again on a retry.
+_UNSTARTED = frozenset({LOCK_NAME, "config.json", "train_log.jsonl"})
+
+
+def _remove_if_unstarted(run: Run) -> None:
+    """Remove the directory of a run that failed before it held anything to resume from (its
+    lock, and perhaps its configuration and an empty log), so the failure leaves no run behind.
+
+    Called under the lock. A process that was waiting for the same run then takes the lock of
+    a removed file; whatever it writes creates the directory again.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if {p.name for p in run.path.iterdir()} <= _UNSTARTED:
+            shutil.rmtree(run.path, ignore_errors=True)
 
 
 def _load_adapter(model: PreTrainedModel, run: Run) -> PeftModel:

@@ -77,11 +77,12 @@ class Run:
     path: Path
 
     @classmethod
-    def trained(cls, cfg: RunConfig) -> Run:
-        """The directory of the KaLM-tuned model of ``cfg``."""
+    def trained(cls, cfg: RunConfig, root: Path | None = None) -> Run:
+        """The directory of the KaLM-tuned model of ``cfg`` in the run store ``root`` (by
+        default :func:`runs_dir`)."""
         model = _slug(cfg.model.store_name)
         name = f"{model}-{cfg.dataset}-{cfg.profile}-s{cfg.seed}-{cfg.train_key()}"
-        return cls(runs_dir() / name)
+        return cls((root or runs_dir()) / name)
 
     @classmethod
     def base(cls, cfg: RunConfig) -> Run:

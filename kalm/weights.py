@@ -44,7 +44,13 @@ def is_model_directory(directory: Path) -> bool:
 def _safetensors_parameters(path: Path) -> int:
     """Elements of every tensor of a safetensors file, read from its JSON header alone."""
     with path.open("rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        size = int.from_bytes(f.read(8), "little")
+        # Garbage would claim a header of exabytes; read no more than the file holds.
+        raw = f.read(size) if size <= path.stat().st_size - 8 else b""
+    try:
+        header = json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{path.name} holds no valid safetensors header") from err
     return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
 
 

@@ -24,7 +24,7 @@ from kalm import experiment
 from kalm.config import resolve
 from kalm.models import load_model
 from kalm.runs import Run
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 from kalm.views import iterate_batches, micro_batches
 
 WORLD = 2

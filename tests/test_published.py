@@ -23,7 +23,7 @@ from kalm.config import REPO_ROOT, RunConfig, resolve
 from kalm.durable import RunStoreError
 from kalm.published import PublishedRun, PublishError, locate, publish
 from kalm.runs import Run
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 
 CFG = {"profile": "smoke", "checkpoint_every": 2}
 HARDWARE = "2 CPU cores, no native bf16"

@@ -22,7 +22,7 @@ from kalm import experiment
 from kalm.config import RunConfig, resolve
 from kalm.durable import RunStoreError, StoreWarning
 from kalm.runs import Run
-from kalm.train import Trainer, TrainingDiverged
+from kalm.trainer import Trainer, TrainingDiverged
 
 CFG_OVERRIDES = {"checkpoint_every": 2}
 CFG = {"profile": "smoke", **CFG_OVERRIDES}
