@@ -226,7 +226,7 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
     sessions resumes, and which file to follow.
     """
     run = Run.trained(cfg)
-    if not retrain and run.completion() is not None:
+    if not retrain and run.finished_record() is not None:
         return None
     t = cfg.train
     steps = f"{t.max_steps:,} steps of {t.global_batch_size} examples"

@@ -70,9 +70,10 @@ def train_or_load(
     """The KaLM-tuned model of ``cfg``: loaded if its run finished, else trained (resuming).
 
     Training is the only expensive path; every notebook calls this, so the first one trains and
-    the others reuse the adapter. The run directory is locked throughout: a second process for
-    the same configuration waits (up to ``wait`` seconds) and then loads what the first trained.
-    A finished run is loaded only if its files verify; a damaged one raises
+    the others reuse the adapter. An unfinished run is trained under its directory's lock: a
+    second process for the same configuration waits (up to ``wait`` seconds) and then loads
+    what the first trained. A finished run is loaded without the lock (from a read-only store
+    too), and only if its record and files verify; a damaged one raises
     :class:`~kalm.durable.RunStoreError` and is retrained only on request: ``retrain=True``
     discards the run and trains it again. ``retrain=None`` follows the notebook parameter
     ``retrain`` (see :func:`notebook_config`), which retrains each run once per process.
@@ -86,6 +87,10 @@ def train_or_load(
     run = Run.trained(cfg)
     if retrain is None:
         retrain = _session["retrain"] and run.path not in _retrained
+    if not retrain and run.finished_record() is not None:
+        # A finished run changes only by a retrain (under the lock, done.json deleted first),
+        # so loading it needs no lock, and no write access: a read-only store serves it.
+        return _load_finished(cfg, run)
     state = process_state()
     main = state.is_main_process
     lock = lock_directory(run.path, timeout=wait, purpose=f"train or load {run.path.name}")
@@ -97,12 +102,12 @@ def train_or_load(
         if retrain:
             _retrained.add(run.path)
         state.wait_for_everyone()
-        record = run.completion()
+        record = run.finished_record()
         if record is None:
             check_processes(cfg.train, state.num_processes)  # before minutes of loading
-        model, tokenizer = _load(cfg)
         if record is not None:
-            return _load_adapter(model, run), tokenizer, run
+            return _load_finished(cfg, run)
+        model, tokenizer = _load(cfg)
         if main:
             run.save_config(cfg)
         trainer = Trainer(model, tokenizer, load_kg(cfg.dataset), cfg, run)
@@ -122,8 +127,10 @@ def train_or_load(
     return tuned, tokenizer, run
 
 
-def _load_adapter(model: PreTrainedModel, run: Run) -> PeftModel:
-    """The verified adapter of a finished run on ``model``; a failure names the run."""
+def _load_finished(cfg: RunConfig, run: Run) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
+    """The model of ``cfg`` with the verified adapter of its finished ``run``; an adapter that
+    cannot be loaded raises RunStoreError naming the run."""
+    model, tokenizer = _load(cfg)
     try:
         tuned = PeftModel.from_pretrained(model, run.adapter_dir)
     except Exception as err:  # peft and safetensors raise many types; all mean "unreadable"
@@ -131,7 +138,7 @@ def _load_adapter(model: PreTrainedModel, run: Run) -> PeftModel:
             run.path, run.adapter_dir, f"cannot be loaded ({type(err).__name__}: {err})", RETRAIN
         ) from err
     tuned.eval()
-    return tuned
+    return tuned, tokenizer, run
 
 
 # ----------------------------------------------------------------------------------- notebooks

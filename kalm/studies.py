@@ -16,6 +16,7 @@ import gc
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from kalm.views import ViewBuilder
 
 __all__ = [
     "LAMBDAS",
+    "LANGUAGE_SETTINGS",
     "PERPLEXITY_LIMIT",
     "STUDY_BASE",
     "TIE",
@@ -101,15 +103,30 @@ def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
     fields["max_steps"] = max(1, cfg.eval.study_examples // per_step)
     fields["valid_queries"] = cfg.eval.study_queries
     fields["candidates"] = cfg.eval.study_candidates
-    return resolve(
-        model=cfg.model.alias, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields
-    )
+    # A local model is named by its directory (a Path is never read as an alias).
+    model = Path(cfg.model.hub_id) if cfg.model.source == "local" else cfg.model.alias
+    return resolve(model=model, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields)
+
+
+LANGUAGE_SETTINGS = (
+    "lm_tokens",
+    "lm_window",
+    "lm_stride",
+    "lm_batch_size",
+    "kgqa_questions",
+    "kgqa_shots",
+    "kgqa_max_new_tokens",
+    "kgqa_batch_size",
+)
+"""The evaluation sizes :func:`base_language` reads (by :func:`_perplexity` and
+:func:`_kgqa_tail`): its cached numbers are named by them, so every arm of a study shares them
+while a change of any of them measures again."""
 
 
 def base_language(cfg: RunConfig) -> dict[str, float]:
     """The untuned model's WikiText-103 perplexity (``ppl``) and KGQA tail-prediction accuracy
     on validation triples, the references of the arms (cached in the base model's directory)."""
-    name = Run.metric_name("study-language", cfg, "valid")
+    name = Run.metric_name("study-language", cfg, "valid", reads=LANGUAGE_SETTINGS)
     base_run = Run.base(cfg)
     cached = base_run.load_metrics(name)
     if cached is None:
@@ -160,7 +177,7 @@ def evaluate_arm(
     """
     name = Run.metric_name("study", cfg, "valid") + ("-language" if language else "")
     finished = Run.trained(cfg)
-    cached = finished.load_metrics(name) if finished.completion() is not None else None
+    cached = finished.load_metrics(name) if finished.finished_record() is not None else None
     if cached is not None:  # a rerun of a study loads no model
         return cached
     tuned, tokenizer, run = train_or_load(cfg, progress=progress)
@@ -176,7 +193,7 @@ def evaluate_arm(
         "queries": len(result.triples),
         "candidates": result.num_candidates,
         "steps": done["steps"],
-        "examples": done["steps"] * cfg.train.batch_size,
+        "examples": done["steps"] * cfg.train.global_batch_size,
         "train minutes": done["seconds"] / 60,
         "L_exp (last 10 steps)": float(np.mean([r["L_exp"] for r in log[-10:]])),
         "L_imp (last 10 steps)": float(np.mean([r["L_imp"] for r in log[-10:]])),
