@@ -94,13 +94,21 @@ class Arm:
 
 def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
     """``cfg`` with ``changes`` and the study budget: ``study_examples`` in steps of the global
-    batch, and the validation sizes of the study (checked like any override)."""
+    batch, and the validation sizes of the study (checked like any override).
+
+    A global batch never exceeds the budget: an arm whose batch is larger than
+    ``study_examples`` trains one step of a batch cut to the budget (the smoke profile's budget
+    of one small batch keeps its arms as small as its other training), rather than one step
+    that sees more examples than the study allows.
+    """
     fields = {**dataclasses.asdict(cfg.train), **dataclasses.asdict(cfg.eval), **changes}
     fields["lora_targets"] = list(fields["lora_targets"])
     fields["theorem1_negatives"] = list(fields["theorem1_negatives"])
     # Steps count global batches (accumulated micro-batches of every process).
-    per_step = fields["batch_size"] * fields["gradient_accumulation_steps"] * fields["processes"]
-    fields["max_steps"] = max(1, cfg.eval.study_examples // per_step)
+    micro_batches = fields["gradient_accumulation_steps"] * fields["processes"]
+    budget = cfg.eval.study_examples
+    fields["batch_size"] = max(1, min(fields["batch_size"], budget // micro_batches))
+    fields["max_steps"] = max(1, budget // (fields["batch_size"] * micro_batches))
     fields["valid_queries"] = cfg.eval.study_queries
     fields["candidates"] = cfg.eval.study_candidates
     # A local model is named by its directory (a Path is never read as an alias).

@@ -31,6 +31,17 @@ def test_arm_config_applies_changes_and_the_study_budget() -> None:
     assert same.train.max_steps * 64 == arm.train.max_steps * 32  # equal examples seen
 
 
+def test_an_arm_never_sees_more_examples_than_the_budget() -> None:
+    """A batch larger than the budget is cut to it: one step of ``study_examples`` examples,
+    not one step of the arm's batch (the smoke profile's small arms)."""
+    cfg = resolve(profile="smoke", study_examples=16)
+    arm = arm_config(cfg, studies.STUDY_BASE)  # batch 64
+    assert (arm.train.batch_size, arm.train.max_steps) == (16, 1)
+    accumulated = arm_config(cfg, {"batch_size": 64, "gradient_accumulation_steps": 4})
+    assert accumulated.train.global_batch_size == 16 and accumulated.train.batch_size == 4
+    assert arm_config(cfg, {"batch_size": 4}).train.batch_size == 4  # smaller batches stay
+
+
 def test_arm_config_checks_the_changes() -> None:
     with pytest.raises(ConfigError, match="lr"):
         arm_config(resolve(profile="smoke"), {"lr": -1.0})
