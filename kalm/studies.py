@@ -2,7 +2,7 @@
 
 The self-negative, tuning and lambda studies of the book share this: an arm is the notebook's
 configuration with a few fields changed, trained on ``study_examples`` examples (the steps follow
-from the arm's batch size, so arms of different batch sizes see as many examples) and ranked on
+from the arm's global batch, so arms of different batch sizes see as many examples) and ranked on
 ``study_queries`` validation triples against ``study_candidates`` entities, every gold entity
 among them. Validation answers are filtered with train and valid only; no study touches the test
 set. Every arm's numbers are cached in its run directory, so a study reruns in seconds and two
