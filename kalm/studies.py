@@ -98,8 +98,8 @@ def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
 
     A global batch never exceeds the budget: an arm whose batch is larger than
     ``study_examples`` trains one step of a batch cut to the budget (the smoke profile's budget
-    of one small batch keeps its arms as small as its other training), rather than one step
-    that sees more examples than the study allows.
+    of one small batch keeps its arms small), rather than one step that sees more examples
+    than the study allows.
     """
     fields = {**dataclasses.asdict(cfg.train), **dataclasses.asdict(cfg.eval), **changes}
     fields["lora_targets"] = list(fields["lora_targets"])
