@@ -107,7 +107,8 @@ def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
     # Steps count global batches (accumulated micro-batches of every process).
     micro_batches = fields["gradient_accumulation_steps"] * fields["processes"]
     budget = cfg.eval.study_examples
-    fields["batch_size"] = max(1, min(fields["batch_size"], budget // micro_batches))
+    # In-batch negatives need two examples per micro-batch, whatever the budget.
+    fields["batch_size"] = max(2, min(fields["batch_size"], budget // micro_batches))
     fields["max_steps"] = max(1, budget // (fields["batch_size"] * micro_batches))
     fields["valid_queries"] = cfg.eval.study_queries
     fields["candidates"] = cfg.eval.study_candidates

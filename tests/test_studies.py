@@ -40,6 +40,9 @@ def test_an_arm_never_sees_more_examples_than_the_budget() -> None:
     accumulated = arm_config(cfg, {"batch_size": 64, "gradient_accumulation_steps": 4})
     assert accumulated.train.global_batch_size == 16 and accumulated.train.batch_size == 4
     assert arm_config(cfg, {"batch_size": 4}).train.batch_size == 4  # smaller batches stay
+    accumulating = {"gradient_accumulation_steps": 2}
+    tiny = arm_config(resolve(profile="smoke", study_examples=2), accumulating)
+    assert tiny.train.batch_size == 2  # in-batch negatives need two examples
 
 
 def test_arm_config_checks_the_changes() -> None:
@@ -175,8 +178,8 @@ def test_an_arm_counts_the_examples_of_its_global_batch(
     monkeypatch.setattr(experiment, "_load", lambda cfg: (tiny_llama(len(tokenizer)), tokenizer))
     monkeypatch.setattr(experiment, "load_kg", lambda name: kg)
     monkeypatch.setattr(studies, "load_kg", lambda name: kg)
-    cfg = resolve(profile="smoke", gradient_accumulation_steps=2)
+    cfg = resolve(profile="smoke", gradient_accumulation_steps=2, study_examples=16)
     arm = arm_config(cfg, {"batch_size": 4})
     metrics = studies.evaluate_arm(arm, progress=False)
-    assert metrics["steps"] == cfg.eval.study_examples // 8
+    assert metrics["steps"] == 2
     assert metrics["examples"] == metrics["steps"] * 8 == cfg.eval.study_examples
