@@ -223,7 +223,7 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
     the book publishes is announced as loaded from ``book/runs/``, after its files verified.
     """
     run = Run.trained(cfg)
-    if not retrain and run.completion() is not None:
+    if not retrain and run.finished_record() is not None:
         return None
     state, resume = run_state(run) if not retrain else ("none", None)
     if state == "published":

@@ -74,11 +74,12 @@ def train_or_load(
     """The KaLM-tuned model of ``cfg``: loaded if its run finished, else trained (resuming).
 
     Training is the only expensive path; every notebook calls this, so the first one trains and
-    the others reuse the adapter. The run directory is locked throughout: a second process for
-    the same configuration waits (up to ``wait`` seconds) and then loads what the first trained.
-    A run the book publishes (:mod:`kalm.published`) is loaded from ``book/runs/`` when the local
-    store lacks it, and its published checkpoint resumes an unfinished one.
-    A finished run is loaded only if its files verify; a damaged one raises
+    the others reuse the adapter. An unfinished run is trained under its directory's lock: a
+    second process for the same configuration waits (up to ``wait`` seconds) and then loads
+    what the first trained. A finished run is loaded without the lock (from a read-only store
+    too), and only if its record and files verify. A run the book publishes
+    (:mod:`kalm.published`) is loaded from ``book/runs/`` when the local store lacks it, and its
+    published checkpoint resumes an unfinished one. A damaged run raises
     :class:`~kalm.durable.RunStoreError` and is retrained only on request: ``retrain=True``
     discards the run and trains it again. ``retrain=None`` follows the notebook parameter
     ``retrain`` (see :func:`notebook_config`), which retrains each run once per process.
@@ -96,6 +97,11 @@ def train_or_load(
     run = Run.trained(cfg, runs)
     if retrain is None:
         retrain = _session["retrain"] and run.path not in _retrained
+    found = None if retrain else locate(run)  # the local store first, then book/runs/
+    if found is not None and found.finished_record() is not None:
+        # A finished run changes only by a retrain (under the lock, done.json deleted first),
+        # so loading it needs no lock, and no write access: a read-only store serves it.
+        return _load_finished(cfg, found)
     state = process_state()
     main = state.is_main_process
     lock = lock_directory(run.path, timeout=wait, purpose=f"train or load {run.path.name}")
@@ -125,9 +131,8 @@ def _train_or_load_locked(
         restore_checkpoint(run)  # a published checkpoint resumes as a local one does
     state.wait_for_everyone()
     found = run if retrain else locate(run)  # the local store first, then book/runs/
-    if found.completion() is not None:
-        model, tokenizer = _load(cfg)
-        return _load_adapter(model, found), tokenizer, found
+    if found.finished_record() is not None:
+        return _load_finished(cfg, found)
     check_processes(cfg.train, state.num_processes)  # before minutes of loading
     kg = load_kg(cfg.dataset)  # before the model too: bad data fails in seconds
     model, tokenizer = _load(cfg)
@@ -166,8 +171,10 @@ def _remove_if_unstarted(run: Run) -> None:
             shutil.rmtree(run.path, ignore_errors=True)
 
 
-def _load_adapter(model: PreTrainedModel, run: Run) -> PeftModel:
-    """The verified adapter of a finished run on ``model``; a failure names the run."""
+def _load_finished(cfg: RunConfig, run: Run) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
+    """The model of ``cfg`` with the verified adapter of its finished ``run`` (local or
+    published); an adapter that cannot be loaded raises RunStoreError naming the run."""
+    model, tokenizer = _load(cfg)
     try:
         tuned = PeftModel.from_pretrained(model, run.adapter_dir)
     except Exception as err:  # peft and safetensors raise many types; all mean "unreadable"
@@ -175,7 +182,7 @@ def _load_adapter(model: PreTrainedModel, run: Run) -> PeftModel:
             run.path, run.adapter_dir, f"cannot be loaded ({type(err).__name__}: {err})", RETRAIN
         ) from err
     tuned.eval()
-    return tuned
+    return tuned, tokenizer, run
 
 
 # ----------------------------------------------------------------------------------- notebooks

@@ -138,7 +138,7 @@ class PublishedRun(Run):
     def done_path(self) -> Path:
         return self.source / _DONE
 
-    def completion(self) -> dict[str, Any]:
+    def finished_record(self) -> dict[str, Any]:
         """The published record, after every file it lists was checked (size and sha256)."""
         return verify_manifest(self.source, self.done_path.name, remedy=REMEDY)
 
@@ -158,12 +158,12 @@ def locate(run: Run) -> Run:
     Raises :class:`~kalm.durable.RunStoreError` naming the file when the local or the published
     run does not verify.
     """
-    if run.completion() is not None:
+    if run.finished_record() is not None:
         return run
     if not is_published(run):
         return run
     published = PublishedRun(run.path, _folder(run))
-    published.completion()
+    published.finished_record()
     return published
 
 
@@ -284,7 +284,7 @@ def publish(cfg: RunConfig, *, hardware: str, commit: str | None = None) -> str:
     run = Run.trained(cfg)
     commit = commit or git_commit()
     provenance = {"precision": cfg.train.precision, "hardware": hardware, "commit": commit}
-    record = run.completion()
+    record = run.finished_record()
     target = _folder(run)
     if record is not None:
         files = record.pop("files")

@@ -112,7 +112,7 @@ def test_a_page_announces_the_training_it_will_do(
     assert execute.training_plan(cfg, retrain=True) == plan  # retraining starts at step 0
     run.checkpoint_path.write_bytes(b"torn")
     assert execute.training_plan(cfg) == plan
-    monkeypatch.setattr(Run, "completion", lambda self: {"steps": cfg.train.max_steps})
+    monkeypatch.setattr(Run, "finished_record", lambda self: {"steps": cfg.train.max_steps})
     assert execute.training_plan(cfg) is None
     assert execute.training_plan(cfg, retrain=True) == plan
 
