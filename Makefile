@@ -13,13 +13,14 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(PYTHON) $(VENV)
 	touch $(STAMP)
 
-# Runs every experiment notebook with papermill in the model's default profile (reusing finished
-# runs from the run store), then builds the book from the executed copies in book/experiments/.
+# Runs every experiment notebook with papermill in the model's default profile (loading the runs
+# published in book/runs/ and reusing finished runs of the run store), then builds the book from
+# the executed copies in book/experiments/. `make book RETRAIN=1` trains every run anew.
 book: setup experiments
 	$(BIN)/jupyter-book build book/
 
 experiments: setup
-	$(BIN)/python -m kalm.execute
+	$(BIN)/python -m kalm.execute $(if $(RETRAIN),--retrain)
 
 # The study pages (self-negatives, tuning, lambda): many short training runs, cached in the run
 # store like every other run; their executed pages are committed with the book's.

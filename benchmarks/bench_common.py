@@ -30,9 +30,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from kalm.config import resolve
 from kalm.data import KnowledgeGraph, load_kg
 from kalm.durable import atomic_write_text
+from kalm.hardware import cpu_flags
 from kalm.models import load_model, load_tokenizer
 from kalm.runs import Run
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 from kalm.views import ViewBuilder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,14 +146,8 @@ def environment() -> dict[str, Any]:
 
 def _cpu_flags() -> list[str]:
     """The CPU's matrix and bf16 extensions: they set how much faster bf16 can be than fp32."""
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags |= set(line.split(":", 1)[1].split())
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return [f for f in wanted if f in flags]
+    return [f for f in wanted if f in cpu_flags()]
 
 
 def save(name: str, quick: bool, payload: dict[str, Any], load: Load) -> Path:

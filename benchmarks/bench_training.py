@@ -27,7 +27,7 @@ from bench_profile import top_ops
 from kalm.batching import iterate_batches
 from kalm.config import resolve
 from kalm.flops import PassTokens, StepFlops, kalm_step_flops, recipe_step_flops
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 from kalm.views import Batch, KaLMBatch
 
 MEMORY_GB = 16.0

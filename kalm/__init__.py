@@ -1,7 +1,8 @@
 """KaLM: knowledge-graph alignment of causal language models, as a small reproducible library.
 
 Submodules are imported on first access (``kalm.data``, ``kalm.models`` …) so that
-``import kalm`` stays cheap and does not pull in torch until a submodule needs it.
+``import kalm`` stays cheap and does not pull in torch until a submodule needs it; every module
+of the package is listed (``tests/test_package.py`` checks that).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "analysis",
     "batching",
+    "book_runs",
     "config",
     "data",
     "durable",
@@ -22,16 +24,23 @@ _SUBMODULES = (
     "execute",
     "experiment",
     "flops",
-    "launch",
+    "hardware",
     "losses",
     "models",
     "paper",
     "plots",
     "prompts",
+    "published",
+    "results",
     "runs",
+    "settings",
+    "studies",
+    "tables",
     "theory",
     "train",
+    "trainer",
     "views",
+    "weights",
 )
 
 

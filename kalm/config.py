@@ -3,14 +3,14 @@
 Every experiment is identified by a :class:`RunConfig` (model, dataset, profile, seed and all
 hyper-parameters). Validation happens here, once, so that a typo or an out-of-range value in a
 papermill parameter fails before any model is loaded, with a message that names the key, the value,
-the allowed range and where the value came from. The ranges live in one table, :data:`RULES`,
-apart from the dataclasses, and a test requires a rule for every field.
+the allowed range and where the value came from. Each field is declared once, with
+:func:`setting`: its type, default, allowed values and meaning; :data:`RULES` and the book's
+settings table (:data:`kalm.settings.MEANINGS`) are derived from those declarations.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -24,8 +24,10 @@ from typing import Any
 
 import yaml
 
+from kalm.hardware import native_precision
+from kalm.weights import parameter_count, weight_files
+
 __all__ = [
-    "NATIVE_BF16_CPU_FLAGS",
     "RULES",
     "Config",
     "ConfigError",
@@ -36,13 +38,10 @@ __all__ = [
     "Session",
     "TrainConfig",
     "config_path",
-    "cpu_has_native_bf16",
     "load_config",
     "local_model",
-    "native_precision",
-    "parameter_count",
     "resolve",
-    "weight_files",
+    "setting",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,335 +50,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class ConfigError(ValueError):
     """An unknown name, a badly typed or an out-of-range value in the configuration or a notebook
     parameter."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where a model's weights come from and which profile it runs by default.
-
-    ``source`` is "gguf-package" (a GGUF file inside a pip package), "hub" (``hub_id`` is a
-    hub repository, read from the Hugging Face cache first, or a directory) or "local" (a model
-    directory named instead of an alias; ``hub_id`` holds its resolved path).
-    The spec is part of the run key, so the fields of existing specs never change.
-    """
-
-    alias: str
-    source: str
-    default_profile: str
-    hub_id: str = ""
-    package: str = ""
-    file: str = ""
-
-    @property
-    def store_name(self) -> str:
-        """The model's part of run-store directory names.
-
-        A configured model is named by its alias. A local directory is named by its own name
-        and a digest of its resolved path: two directories called ``Llama-2-7b-hf`` in
-        different places hold different weights and must not share the untuned model's caches.
-        """
-        if self.source != "local":
-            return self.alias
-        return f"{self.alias}-{hashlib.sha256(self.hub_id.encode()).hexdigest()[:8]}"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every hyper-parameter of a KaLM training run (the ``paper`` profile is the published
-    recipe, see the book's Method chapter, ``book/method.md``).
-
-    Integer sizes use 0 for "no limit": ``max_steps: 0`` trains for ``epochs`` epochs,
-    ``train_subset: 0`` uses every training triple.
-
-    Fields added after runs were stored carry a default that reproduces those runs; at that
-    default they are left out of :meth:`RunConfig.train_key`, so stored adapters stay valid.
-    """
-
-    lr: float
-    weight_decay: float
-    batch_size: int
-    max_steps: int
-    epochs: float
-    lm_fraction: float
-    lam: float
-    tau: float
-    margin: float
-    learnable_tau: bool
-    self_negatives: bool
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    lora_targets: tuple[str, ...]
-    max_entity_tokens: int
-    max_prompt_tokens: int
-    train_subset: int
-    gradient_checkpointing: bool
-    compile: bool
-    gather_negatives: bool
-    load_in_8bit: bool
-    checkpoint_every: int
-    warmup_steps: int = 0  # linear warm-up of the cosine schedule (the recipe uses none)
-    # Weights and matmuls of training and of every evaluation: "bf16" keeps the frozen base in
-    # bf16 under bf16 autocast, with LoRA weights, optimiser state and loss maths in fp32. A
-    # profile may say "auto", which `resolve` turns into `native_precision()` of this machine.
-    precision: str = "fp32"
-    # Self-negatives with gradient through the head's view (SimKGC) rather than as a constant.
-    self_negative_grad: bool = False
-    # Micro-batches of `batch_size` that each process accumulates into one optimiser step: one
-    # GPU with 4 reproduces the recipe's step over 4 GPUs x 24 examples.
-    gradient_accumulation_steps: int = 1
-    # Gradient clipping by global L2 norm before each optimiser step (the recipe: 1.0); 0 = none.
-    max_grad_norm: float = 0.0
-    # Data-parallel processes the run trains on (`accelerate launch`, `torchrun`). No profile
-    # sets it: `python -m kalm.train` takes it from the launch. It is part of the run key (when
-    # not 1) because it sets the global batch, and a launch of another size refuses the run.
-    processes: int = 1
-
-    @property
-    def lm_examples(self) -> int:
-        """Examples per micro-batch that also get the triple-completion loss (recipe: 4 of 24)."""
-        return round(self.lm_fraction * self.batch_size)
-
-    @property
-    def global_batch_size(self) -> int:
-        """Examples per optimiser step over all processes and accumulated micro-batches.
-
-        Steps, epochs and the learning-rate schedule count in these; in-batch negatives come
-        from one micro-batch of ``batch_size`` (or, with ``gather_negatives``, from the
-        micro-batches of all processes at once).
-        """
-        return self.batch_size * self.gradient_accumulation_steps * self.processes
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Sizes of every evaluation and analysis. 0 means "everything" (all test queries, all
-    entities as candidates)."""
-
-    test_queries: int
-    valid_queries: int
-    candidates: int
-    query_batch_size: int
-    entity_batch_size: int
-    kgqa_questions: int
-    kgqa_shots: int
-    kgqa_max_new_tokens: int
-    lm_tokens: int
-    lm_window: int
-    lm_stride: int
-    analysis_triples: int
-    analysis_sentences: int
-    # Batch sizes of KGQA generation and of perplexity windows, and queries ranked per chunk.
-    kgqa_batch_size: int
-    lm_batch_size: int
-    rank_chunk_size: int
-    # Representation analysis: sentence truncation (the last kept token is pooled), the least
-    # number of rows behind reported statistics (a figure's 32 rows give noisy off-diagonal means;
-    # 0 keeps the figure's rows) and the encoding batch size.
-    sentence_tokens: int
-    stats_min_rows: int
-    analysis_batch_size: int
-    # Studies (self-negatives, tuning, lambda): training examples per arm (steps follow from the
-    # arm's batch size, so arms of different batch sizes see as many examples), validation
-    # triples and candidates per query.
-    study_examples: int
-    study_queries: int
-    study_candidates: int
-    # Theory checks: Theorem 1's negative counts, dimension, queries and pool of negatives, and
-    # the size of the gradient-descent experiment (rows, dimension, steps).
-    theorem1_negatives: tuple[int, ...]
-    theorem1_dim: int
-    theorem1_queries: int
-    theorem1_pool: int
-    descent_rows: int
-    descent_dim: int
-    descent_steps: int
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole root ``_config.yml``."""
-
-    default_model: str
-    models: Mapping[str, ModelSpec]
-    datasets: tuple[str, ...]
-    profiles: Mapping[str, Mapping[str, Any]]
-    path: Path  # the file it was read from, named in errors about its values
-
-    def model(self, name: str | Path) -> ModelSpec:
-        """The spec of a model alias or of a local model directory (one holding
-        ``config.json``, as ``save_pretrained`` writes it); an alias wins over a directory of
-        the same name. An unknown name lists the aliases and says what a directory needs."""
-        key = str(name).lower().replace("-", "")
-        aliases = {a.lower().replace("-", ""): a for a in self.models}
-        if isinstance(name, str) and key in aliases:
-            return self.models[aliases[key]]
-        path = Path(name).expanduser()
-        if path.is_dir():
-            return local_model(path)
-        missing = f" ({path} does not exist)" if any(c in str(name) for c in "/\\~.") else ""
-        raise ConfigError(
-            f"unknown model {str(name)!r}; valid models: {', '.join(self.models)}, or a local "
-            f"directory holding config.json and the weights{missing}"
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class Session:
-    """What a notebook's parameters ask of the process running it, beyond the run itself.
-
-    It travels with the configuration (:attr:`RunConfig.session`, kept by
-    ``dataclasses.replace`` and by the study arms) so that every library call of the notebook
-    sees it without a module global; it is no part of the run's identity, file or equality.
-    ``retrain`` trains anew every run the session loads, each once (``retrained`` holds the run
-    directories already retrained); ``results_dir`` is where the pages publish their records
-    (None: ``KALM_RESULTS_DIR``, else ``book/results``); ``runs_dir`` is the run store (None:
-    ``KALM_RUNS_DIR``, else ``runs/``).
-    """
-
-    retrain: bool = False
-    results_dir: Path | None = None
-    runs_dir: Path | None = None
-    retrained: set[Path] = dataclasses.field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """A fully resolved experiment: what to train and how to evaluate it, and the
-    :class:`Session` that asked for it."""
-
-    model: ModelSpec
-    dataset: str
-    profile: str
-    seed: int
-    train: TrainConfig
-    eval: EvalConfig
-    session: Session = dataclasses.field(default_factory=Session, compare=False, repr=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form (written into every run directory), without the session."""
-        plain = dataclasses.asdict(dataclasses.replace(self, session=Session()))
-        del plain["session"]
-        return json.loads(json.dumps(plain))
-
-    def train_key(self) -> str:
-        """Hash of everything that determines the trained weights (not the evaluation sizes).
-
-        Training fields at their dataclass default are left out (see :class:`TrainConfig`).
-        """
-        payload = {k: v for k, v in self.as_dict().items() if k != "eval"}
-        payload["train"] = {
-            f.name: payload["train"][f.name]
-            for f in fields(TrainConfig)
-            if f.default is dataclasses.MISSING or getattr(self.train, f.name) != f.default
-        }
-        payload["revision"] = TRAINING_REVISION
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def config_path() -> Path:
-    """The experiment configuration: ``KALM_CONFIG``, else the repository's ``_config.yml``."""
-    return Path(os.environ.get("KALM_CONFIG", REPO_ROOT / "_config.yml"))
-
-
-# --- local model directories ---------------------------------------------------------------------
-
-LARGE_MODEL = 1_000_000_000
-"""Parameters above which a local model defaults to the ``paper`` profile (else ``cpu``)."""
-
-_BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The weight files of a model directory: safetensors if there are any, else PyTorch
-    ``.bin`` files; a sharded checkpoint must hold every shard its index lists."""
-    for suffix in ("safetensors", "bin"):
-        files = sorted(directory.glob(f"*.{suffix}"))
-        index = next(iter(directory.glob(f"*.{suffix}.index.json")), None)
-        if index is not None:
-            try:
-                shards = set(json.loads(index.read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, AttributeError):
-                return []
-            if not all((directory / shard).is_file() for shard in shards):
-                return []
-        if files:
-            return files
-    return []
-
-
-def _safetensors_parameters(path: Path) -> int:
-    """Elements of every tensor of a safetensors file, read from its JSON header alone."""
-    with path.open("rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-
-
-def parameter_count(directory: Path) -> int:
-    """Parameters of the model in ``directory`` without loading it.
-
-    Safetensors headers give the exact count in milliseconds (building the model on the meta
-    device takes seconds for 7B parameters); ``.bin`` weights are estimated from their size and
-    the ``torch_dtype`` of ``config.json``.
-    """
-    files = weight_files(directory)
-    if files and files[0].suffix == ".safetensors":
-        return sum(_safetensors_parameters(f) for f in files)
-    config = json.loads((directory / "config.json").read_text())
-    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
-    return sum(f.stat().st_size for f in files) // _BYTES_PER_ELEMENT.get(str(dtype), 4)
-
-
-def local_model(directory: Path) -> ModelSpec:
-    """The spec of a model directory: named after it, identified by its resolved path, with
-    the ``paper`` profile by default above :data:`LARGE_MODEL` parameters, else ``cpu``.
-
-    The resolved path (not a hash of the weights, which would read gigabytes on every resolve)
-    makes the run key: the same directory finds its runs again, another one trains its own. A
-    model replaced in place keeps its key, so retrain its runs (``--retrain``).
-    """
-    path = directory.expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"{path} holds no config.json, so it is not a model directory; pass the directory "
-            "that save_pretrained wrote (config.json, weights, tokenizer files)"
-        )
-    if not weight_files(path):
-        raise ConfigError(
-            f"{path} holds config.json but no complete set of weights (*.safetensors or *.bin, "
-            "every shard of a sharded checkpoint); copy the weights into it"
-        )
-    try:
-        large = parameter_count(path) > LARGE_MODEL
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(
-            f"{path}: cannot read the size of the weights ({type(err).__name__}: {err}); the "
-            "files look damaged, download them again"
-        ) from err
-    return ModelSpec(
-        alias=path.name,
-        source="local",
-        default_profile="paper" if large else "cpu",
-        hub_id=str(path),
-    )
-
-
-def _choose(
-    name: str, valid: Mapping[str, Any] | tuple[str, ...], what: str, where: str = ""
-) -> str:
-    key = str(name).lower().replace("-", "")
-    options = {str(v).lower().replace("-", ""): v for v in valid}
-    if key not in options:
-        raise ConfigError(
-            f"{where}unknown {what} {name!r}; valid {what}s: {', '.join(map(str, valid))}"
-        )
-    return options[key]
-
-
-# Bumped whenever the training code changes what a configuration trains (revision 2: batches
-# bucketed by two token lengths), so the run store never serves an adapter of older code.
-TRAINING_REVISION = 2
 
 
 # --- value rules ---------------------------------------------------------------------------------
@@ -476,77 +146,381 @@ def _all(what: str) -> Range:
     return Range(0, note=f"0 = {what}")
 
 
-# The allowed value of every field of TrainConfig and EvalConfig, and of the seed. A test fails
-# when a field has no rule, so a new hyper-parameter cannot skip validation.
+def setting(meaning: str, rule: Rule, default: Any = dataclasses.MISSING) -> Any:
+    """Declare a configuration field once: its type (the annotation), its ``default`` (only for
+    fields added after runs were stored, see :class:`TrainConfig`), its allowed values and its
+    meaning.
+
+    The rule and the meaning go into the field's metadata, from which :data:`RULES` (checked on
+    every load and resolve) and :data:`kalm.settings.MEANINGS` (the book's settings table) are
+    derived, so a new field is one line here plus the profiles that set it.
+    """
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "rule": rule})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a KaLM training run (the ``paper`` profile is the published
+    recipe, see the book's Method chapter, ``book/method.md``).
+
+    Integer sizes use 0 for "no limit": ``max_steps: 0`` trains for ``epochs`` epochs,
+    ``train_subset: 0`` uses every training triple.
+
+    Fields added after runs were stored carry a default that reproduces those runs; at that
+    default they are left out of :meth:`RunConfig.train_key`, so stored adapters stay valid.
+    """
+
+    lr: float = setting("AdamW learning rate (cosine schedule)", _POSITIVE)
+    weight_decay: float = setting("AdamW weight decay", Range(0))
+    batch_size: int = setting(
+        "triples per micro-batch, i.e. in-batch negatives per query",
+        Range(2, note="in-batch negatives need a second example"),
+    )
+    max_steps: int = setting(
+        "optimiser steps (0: train for the given number of epochs)",
+        _all("as many as the epochs take"),
+    )
+    epochs: float = setting("passes over the training examples when max_steps is 0", _POSITIVE)
+    lm_fraction: float = setting(
+        "share of each batch that also gets the triple-completion loss L_imp", Range(0, 1)
+    )
+    lam: float = setting("weight λ of L_imp in L_exp + λ L_imp", Range(0))
+    tau: float = setting("temperature τ of the contrastive loss", _POSITIVE)
+    margin: float = setting(
+        "margin γ subtracted from the positive's cosine",
+        Range(0, 2, high_open=True, note="cosine scores differ by at most 2"),
+    )
+    learnable_tau: bool = setting("whether τ is trained", _FLAG)
+    self_negatives: bool = setting("the head's own tail view as an extra negative (SimKGC)", _FLAG)
+    lora_r: int = setting("LoRA rank", _COUNT)
+    lora_alpha: int = setting("LoRA scaling α", _POSITIVE)
+    lora_dropout: float = setting("dropout on the LoRA input", Range(0, 1, high_open=True))
+    lora_targets: tuple[str, ...] = setting("projections that get LoRA adapters", Names())
+    max_entity_tokens: int = setting("tokens kept of an entity's name and description", _COUNT)
+    max_prompt_tokens: int = setting(
+        "tokens kept of a triple-completion prompt",
+        Range(2, note="one prompt token and one response token at least"),
+    )
+    train_subset: int = setting("training triples used (0: all)", _all("every training triple"))
+    gradient_checkpointing: bool = setting(
+        "recompute activations in the backward pass to save memory", _FLAG
+    )
+    gather_negatives: bool = setting("share in-batch negatives across GPUs", _FLAG)
+    load_in_8bit: bool = setting("base model weights in 8 bit", _FLAG)
+    checkpoint_every: int = setting("steps between saved training states", _COUNT)
+    # Linear warm-up of the cosine schedule (the recipe uses none).
+    warmup_steps: int = setting("linear warm-up steps of the learning-rate schedule", Range(0), 0)
+    # Weights and matmuls of training and of every evaluation: "bf16" keeps the frozen base in
+    # bf16 under bf16 autocast, with LoRA weights, optimiser state and loss maths in fp32. A
+    # profile may say "auto", which `resolve` turns into `native_precision()` of this machine.
+    precision: str = setting(
+        "weights and matmuls of training and evaluation (bf16: mixed precision)",
+        OneOf(("fp32", "bf16", "auto")),
+        "fp32",
+    )
+    # Self-negatives with gradient through the head's view (SimKGC) rather than as a constant.
+    self_negative_grad: bool = setting(
+        "self-negatives trained through the head's view (SimKGC), not constant", _FLAG, False
+    )
+    # Micro-batches of `batch_size` that each process accumulates into one optimiser step: one
+    # GPU with 4 reproduces the recipe's step over 4 GPUs x 24 examples.
+    gradient_accumulation_steps: int = setting(
+        "micro-batches accumulated per optimiser step and process", _COUNT, 1
+    )
+    # Gradient clipping by global L2 norm before each optimiser step (the recipe: 1.0).
+    max_grad_norm: float = setting(
+        "gradient clipping by global norm (0: none)", Range(0, note="0 = no clipping"), 0.0
+    )
+    # Data-parallel processes the run trains on (`accelerate launch`, `torchrun`). No profile
+    # sets it: `python -m kalm.train` takes it from the launch. It is part of the run key (when
+    # not 1) because it sets the global batch, and a launch of another size refuses the run.
+    processes: int = setting("data-parallel processes (GPUs) of the launch", _COUNT, 1)
+
+    @property
+    def lm_examples(self) -> int:
+        """Examples per micro-batch that also get the triple-completion loss (recipe: 4 of 24)."""
+        return round(self.lm_fraction * self.batch_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimiser step over all processes and accumulated micro-batches.
+
+        Steps, epochs and the learning-rate schedule count in these; in-batch negatives come
+        from one micro-batch of ``batch_size`` (or, with ``gather_negatives``, from the
+        micro-batches of all processes at once).
+        """
+        return self.batch_size * self.gradient_accumulation_steps * self.processes
+
+
+_TWO_ROWS = Range(2, note="similarity statistics need two rows")
+_SPHERE = Range(2, note="a sphere of dimension 1 has two points")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sizes of every evaluation and analysis. 0 means "everything" (all test queries, all
+    entities as candidates)."""
+
+    test_queries: int = setting(
+        "test triples ranked, each in both directions (0: the full test set)",
+        _all("every test triple"),
+    )
+    valid_queries: int = setting(
+        "validation triples ranked (0: all)", _all("every validation triple")
+    )
+    candidates: int = setting("entities ranked per query (0: every entity)", _all("every entity"))
+    query_batch_size: int = setting("queries encoded per forward pass", _COUNT)
+    entity_batch_size: int = setting("entities encoded per forward pass", _COUNT)
+    kgqa_questions: int = setting(
+        "questions per KGQA task (0: one per test triple)", _all("every test triple")
+    )
+    kgqa_shots: int = setting("worked examples in each KGQA prompt", Range(0))
+    kgqa_max_new_tokens: int = setting("tokens generated per KGQA answer", _COUNT)
+    lm_tokens: int = setting(
+        "WikiText-103 test tokens scored for perplexity (0: all)", _all("the whole test text")
+    )
+    lm_window: int = setting(
+        "context window of the perplexity evaluation",
+        Range(2, note="a window predicts its tokens after the first"),
+    )
+    lm_stride: int = setting("stride of the perplexity evaluation's sliding window", _COUNT)
+    analysis_triples: int = setting("test triples in the similarity heatmaps", _TWO_ROWS)
+    analysis_sentences: int = setting("WikiText sentences in the similarity heatmaps", _TWO_ROWS)
+    kgqa_batch_size: int = setting("KGQA prompts generated per batch", _COUNT)
+    lm_batch_size: int = setting("perplexity windows per forward pass", _COUNT)
+    rank_chunk_size: int = setting("queries ranked against all candidates at once", _COUNT)
+    # Representation analysis: the last kept token of a truncated sentence is pooled, and a
+    # figure's 32 rows give noisy off-diagonal means, hence a least number of rows behind the
+    # reported statistics (0 keeps the figure's rows).
+    sentence_tokens: int = setting(
+        "tokens kept of a WikiText sentence in the similarity analysis", _COUNT
+    )
+    stats_min_rows: int = setting(
+        "least rows behind a similarity statistic", Range(0, note="0 = no minimum")
+    )
+    analysis_batch_size: int = setting(
+        "texts encoded per forward pass in the similarity analysis", _COUNT
+    )
+    # Studies (self-negatives, tuning, lambda): training examples per arm (steps follow from the
+    # arm's global batch, so arms of different batch sizes see as many examples), validation
+    # triples and candidates per query.
+    study_examples: int = setting(
+        "training examples per arm of a study (steps = examples / global batch, i.e. batch size "
+        "× accumulated micro-batches × processes)",
+        _COUNT,
+    )
+    study_queries: int = setting(
+        "validation triples ranked per study arm (0: all)", _all("every validation triple")
+    )
+    study_candidates: int = setting(
+        "entities ranked per study query, gold included (0: every entity)", _all("every entity")
+    )
+    theorem1_negatives: tuple[int, ...] = setting(
+        "negative counts in the numerical check of Theorem 1", Counts()
+    )
+    theorem1_dim: int = setting("embedding dimension of the Theorem 1 check", _SPHERE)
+    theorem1_queries: int = setting("queries of the Theorem 1 check", _COUNT)
+    theorem1_pool: int = setting("pool of random negatives of the Theorem 1 check", _COUNT)
+    descent_rows: int = setting(
+        "rows optimised in the Theorem 2 descent",
+        Range(2, note="a contrastive loss needs a second row"),
+    )
+    descent_dim: int = setting("embedding dimension of the Theorem 2 descent", _SPHERE)
+    descent_steps: int = setting("gradient steps of the Theorem 2 descent", _COUNT)
+
+
+# --- the configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model's weights come from and which profile it runs by default.
+
+    ``source`` is "gguf-package" (a GGUF file inside a pip package), "hub" (``hub_id`` is a
+    hub repository, read from the Hugging Face cache first, or a directory) or "local" (a model
+    directory named instead of an alias; ``hub_id`` holds its resolved path).
+    The spec is part of the run key, so the fields of existing specs never change.
+    """
+
+    alias: str
+    source: str
+    default_profile: str
+    hub_id: str = ""
+    package: str = ""
+    file: str = ""
+
+    @property
+    def store_name(self) -> str:
+        """The model's part of run-store directory names.
+
+        A configured model is named by its alias. A local directory is named by its own name
+        and a digest of its resolved path: two directories called ``Llama-2-7b-hf`` in
+        different places hold different weights and must not share the untuned model's caches.
+        """
+        if self.source != "local":
+            return self.alias
+        return f"{self.alias}-{hashlib.sha256(self.hub_id.encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole root ``_config.yml``."""
+
+    default_model: str
+    models: Mapping[str, ModelSpec]
+    datasets: tuple[str, ...]
+    profiles: Mapping[str, Mapping[str, Any]]
+    path: Path  # the file it was read from, named in errors about its values
+
+    def model(self, name: str | Path) -> ModelSpec:
+        """The spec of a model alias or of a local model directory (one holding
+        ``config.json``, as ``save_pretrained`` writes it); an alias wins over a directory of
+        the same name. An unknown name lists the aliases and says what a directory needs."""
+        key = str(name).lower().replace("-", "")
+        aliases = {a.lower().replace("-", ""): a for a in self.models}
+        if isinstance(name, str) and key in aliases:
+            return self.models[aliases[key]]
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return local_model(path)
+        missing = f" ({path} does not exist)" if any(c in str(name) for c in "/\\~.") else ""
+        raise ConfigError(
+            f"unknown model {str(name)!r}; valid models: {', '.join(self.models)}, or a local "
+            f"directory holding config.json and the weights{missing}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Session:
+    """What a notebook's parameters ask of the process running it, beyond the run itself.
+
+    It travels with the configuration (:attr:`RunConfig.session`, kept by
+    ``dataclasses.replace`` and by the study arms) so that every library call of the notebook
+    sees it without a module global; it is no part of the run's identity, file or equality.
+    ``retrain`` trains anew every run the session loads, each once (``retrained`` holds the run
+    directories already retrained); ``results_dir`` is where the pages publish their records
+    (None: ``KALM_RESULTS_DIR``, else ``book/results``); ``runs_dir`` is the run store (None:
+    see :func:`kalm.runs.runs_dir`).
+    """
+
+    retrain: bool = False
+    results_dir: Path | None = None
+    runs_dir: Path | None = None
+    retrained: set[Path] = dataclasses.field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A fully resolved experiment: what to train and how to evaluate it, and the
+    :class:`Session` that asked for it."""
+
+    model: ModelSpec
+    dataset: str
+    profile: str
+    seed: int = setting(
+        "seed of sampling and initialisation", Range(0, note="numpy seeds are non-negative")
+    )
+    train: TrainConfig
+    eval: EvalConfig
+    session: Session = dataclasses.field(default_factory=Session, compare=False, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (written into every run directory), without the session."""
+        plain = dataclasses.asdict(dataclasses.replace(self, session=Session()))
+        del plain["session"]
+        return json.loads(json.dumps(plain))
+
+    def train_key(self) -> str:
+        """Hash of everything that determines the trained weights (not the evaluation sizes).
+
+        Training fields at their dataclass default are left out (see :class:`TrainConfig`).
+        """
+        payload = {k: v for k, v in self.as_dict().items() if k != "eval"}
+        payload["train"] = {
+            f.name: payload["train"][f.name]
+            for f in fields(TrainConfig)
+            if f.default is dataclasses.MISSING or getattr(self.train, f.name) != f.default
+        }
+        payload["revision"] = TRAINING_REVISION
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# The allowed value of every field of TrainConfig and EvalConfig, and of the seed, read from their
+# declarations (a test requires one for every field).
 RULES: Mapping[str, Rule] = types.MappingProxyType(
     {
-        # train
-        "lr": _POSITIVE,
-        "weight_decay": Range(0),
-        "batch_size": Range(2, note="in-batch negatives need a second example"),
-        "max_steps": _all("train for `epochs` epochs"),
-        "epochs": _POSITIVE,
-        "lm_fraction": Range(0, 1),
-        "lam": Range(0),
-        "tau": _POSITIVE,
-        "margin": Range(0, 2, high_open=True, note="cosine scores differ by at most 2"),
-        "learnable_tau": _FLAG,
-        "self_negatives": _FLAG,
-        "lora_r": _COUNT,
-        "lora_alpha": _POSITIVE,
-        "lora_dropout": Range(0, 1, high_open=True),
-        "lora_targets": Names(),
-        "max_entity_tokens": _COUNT,
-        "max_prompt_tokens": Range(2, note="one prompt token and one response token at least"),
-        "train_subset": _all("every training triple"),
-        "gradient_checkpointing": _FLAG,
-        "compile": _FLAG,
-        "gather_negatives": _FLAG,
-        "load_in_8bit": _FLAG,
-        "checkpoint_every": _COUNT,
-        "warmup_steps": Range(0),
-        "precision": OneOf(("fp32", "bf16", "auto")),
-        "self_negative_grad": _FLAG,
-        "gradient_accumulation_steps": _COUNT,
-        "max_grad_norm": Range(0, note="0 = no clipping"),
-        "processes": _COUNT,
-        # eval
-        "test_queries": _all("every test triple"),
-        "valid_queries": _all("every validation triple"),
-        "candidates": _all("every entity"),
-        "query_batch_size": _COUNT,
-        "entity_batch_size": _COUNT,
-        "kgqa_questions": _all("every test triple"),
-        "kgqa_shots": Range(0),
-        "kgqa_max_new_tokens": _COUNT,
-        "lm_tokens": _all("the whole test text"),
-        "lm_window": Range(2, note="a window predicts its tokens after the first"),
-        "lm_stride": _COUNT,
-        "analysis_triples": Range(2, note="similarity statistics need two rows"),
-        "analysis_sentences": Range(2, note="similarity statistics need two rows"),
-        "kgqa_batch_size": _COUNT,
-        "lm_batch_size": _COUNT,
-        "rank_chunk_size": _COUNT,
-        "sentence_tokens": _COUNT,
-        "stats_min_rows": Range(0, note="0 = no minimum"),
-        "analysis_batch_size": _COUNT,
-        "study_examples": _COUNT,
-        "study_queries": _all("every validation triple"),
-        "study_candidates": _all("every entity"),
-        "theorem1_negatives": Counts(),
-        "theorem1_dim": Range(2, note="a sphere of dimension 1 has two points"),
-        "theorem1_queries": _COUNT,
-        "theorem1_pool": _COUNT,
-        "descent_rows": Range(2, note="a contrastive loss needs a second row"),
-        "descent_dim": Range(2, note="a sphere of dimension 1 has two points"),
-        "descent_steps": _COUNT,
-        # run
-        "seed": Range(0, note="numpy seeds are non-negative"),
+        f.name: f.metadata["rule"]
+        for cls in (TrainConfig, EvalConfig, RunConfig)
+        for f in fields(cls)
+        if "rule" in f.metadata
     }
 )
 
 # Pairs (a, b) that must satisfy a <= b when both belong to one section.
 AT_MOST: tuple[tuple[str, str], ...] = (("lm_stride", "lm_window"),)
+
+
+def config_path() -> Path:
+    """The experiment configuration: ``KALM_CONFIG``, else the repository's ``_config.yml``."""
+    return Path(os.environ.get("KALM_CONFIG", REPO_ROOT / "_config.yml"))
+
+
+# --- local model directories ---------------------------------------------------------------------
+
+LARGE_MODEL = 1_000_000_000
+"""Parameters above which a local model defaults to the ``paper`` profile (else ``cpu``)."""
+
+
+def local_model(directory: Path) -> ModelSpec:
+    """The spec of a model directory: named after it, identified by its resolved path, with
+    the ``paper`` profile by default above :data:`LARGE_MODEL` parameters, else ``cpu``.
+
+    The resolved path (not a hash of the weights, which would read gigabytes on every resolve)
+    makes the run key: the same directory finds its runs again, another one trains its own. A
+    model replaced in place keeps its key, so retrain its runs (``--retrain``).
+    """
+    path = directory.expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{path} holds no config.json, so it is not a model directory; pass the directory "
+            "that save_pretrained wrote (config.json, weights, tokenizer files)"
+        )
+    if not weight_files(path):
+        raise ConfigError(
+            f"{path} holds config.json but no complete set of weights (*.safetensors or *.bin, "
+            "every shard of a sharded checkpoint); copy the weights into it"
+        )
+    try:
+        large = parameter_count(path) > LARGE_MODEL
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{path}: cannot read the size of the weights ({type(err).__name__}: {err}); the "
+            "files look damaged, download them again"
+        ) from err
+    return ModelSpec(
+        alias=path.name,
+        source="local",
+        default_profile="paper" if large else "cpu",
+        hub_id=str(path),
+    )
+
+
+def _choose(
+    name: str, valid: Mapping[str, Any] | tuple[str, ...], what: str, where: str = ""
+) -> str:
+    key = str(name).lower().replace("-", "")
+    options = {str(v).lower().replace("-", ""): v for v in valid}
+    if key not in options:
+        raise ConfigError(
+            f"{where}unknown {what} {name!r}; valid {what}s: {', '.join(map(str, valid))}"
+        )
+    return options[key]
+
+
+# Bumped whenever the training code changes what a configuration trains (revision 2: batches
+# bucketed by two token lengths), so the run store never serves an adapter of older code.
+TRAINING_REVISION = 2
 
 
 def _check_rules(values: Mapping[str, Any], where: str, origin: Origin) -> None:
@@ -657,46 +631,6 @@ def load_config(path: str | Path | None = None) -> Config:
     )
     _choose(config.default_model, models, "model", f"{path}: default_model: ")
     return config
-
-
-NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-"""CPU flags (``/proc/cpuinfo``) of instructions that multiply bf16 matrices in hardware."""
-
-
-@functools.cache
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16).
-
-    Read once per process: every resolved configuration and every loaded model asks.
-
-    Without either, PyTorch emulates bf16 matmuls on the CPU, which is not a little slower than
-    fp32 but orders of magnitude slower (``benchmarks/bench_peak.py`` measures both). A CPU
-    whose flags cannot be read (no ``/proc/cpuinfo``) counts as without.
-    """
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    lines = (line for line in text.splitlines() if line.startswith("flags"))
-    flags = next((line.split(":", 1)[1].split() for line in lines), [])
-    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
-
-
-def native_precision() -> str:
-    """What ``precision: auto`` means on this machine: ``"bf16"`` where matmuls run natively in
-    it (a CUDA GPU that supports bf16, else a CPU with :data:`NATIVE_BF16_CPU_FLAGS`), else
-    ``"fp32"``.
-
-    bf16 mixed precision is the fast path wherever the hardware has it, and agrees with fp32
-    within the book's tolerance (the reproducing chapter's bf16 check); where it is emulated,
-    fp32 is the fast path. The choice is made when a configuration is resolved, so the run key
-    records the precision a run was actually trained in.
-    """
-    import torch  # here, not at the top: reading a configuration needs no torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def resolve(

@@ -11,7 +11,8 @@ a check, and never be written by two processes at the same time. This module sup
 * :func:`lock_directory`: one writer per directory (``fcntl.flock``, released by the kernel when
   the holder dies, so a killed process never leaves a stale lock).
 * :func:`write_manifest` / :func:`verify_manifest`: a record of every file with its size and
-  sha256, written last, so a directory counts as complete only if its files are the ones written.
+  sha256, written last and sealed whole (a digest of all its fields), so a directory counts as
+  complete only if its files are the ones written and its record is the one written.
 * :func:`append_jsonl` / :func:`read_jsonl`: an append-only log whose torn last line (a kill
   during the write) is dropped, while damage anywhere else is an error.
 
@@ -38,6 +39,7 @@ from typing import IO, Any, Literal
 __all__ = [
     "LOCK_NAME",
     "PARTIAL_PATTERN",
+    "SEAL",
     "LockTimeout",
     "RunStoreError",
     "StoreWarning",
@@ -56,6 +58,8 @@ __all__ = [
 ]
 
 LOCK_NAME = ".lock"
+SEAL = "seal"
+"""The field of a manifest holding the sha256 of all its other fields."""
 # Temporary files of atomic writes: ``.<name>.<pid>.<random>.part`` next to the target.
 PARTIAL_PATTERN = ".*.part"
 _CHUNK = 1 << 20
@@ -344,6 +348,12 @@ def _listed(directory: Path, manifest: str, ignore: Sequence[str]) -> list[Path]
     )
 
 
+def _seal(record: Mapping[str, Any]) -> str:
+    """The sha256 of every field of a manifest but its seal (key-sorted JSON)."""
+    fields = {k: v for k, v in record.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(
     directory: Path,
     name: str,
@@ -356,23 +366,31 @@ def write_manifest(
     Write it last: it is the proof that the files it lists are complete and the ones written.
     ``extra`` adds fields (e.g. steps, seconds); ``ignore`` holds glob patterns (matched against
     the relative path or the file name) of files that may change later, such as caches. The
-    lock file and temporary files of atomic writes are never listed. Returns what was written.
+    lock file and temporary files of atomic writes are never listed. The record carries a
+    :data:`SEAL` over all its fields, so an edit of any of them (``extra`` too) is detected.
+    A directory without files gets no manifest (ValueError): a manifest listing nothing would
+    vouch for whatever is put there later. Returns what was written.
     """
     files = {
         p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in _listed(directory, name, ignore)
     }
+    if not files:
+        raise ValueError(f"{directory} holds no files to record in {name}")
     record = {**(extra or {}), "files": files}
+    record[SEAL] = _seal(record)
     atomic_write_json(directory / name, record)
     return record
 
 
 def verify_manifest(directory: Path, name: str, *, remedy: str = _DEFAULT_REMEDY) -> dict[str, Any]:
-    """The manifest ``directory/name`` if every file it lists has its recorded size and sha256.
+    """The manifest ``directory/name`` if its seal matches and every file it lists has its
+    recorded size and sha256.
 
-    Raises RunStoreError naming the manifest or the first file that is missing, has another size
-    or other bytes (a truncated, replaced or bit-flipped file); ``remedy`` says what to do.
-    Files not in the manifest are not checked.
+    Raises RunStoreError naming the manifest (unreadable, listing no files, or edited after it
+    was written: its :data:`SEAL` does not match its fields) or the first file that is missing,
+    has another size or other bytes (a truncated, replaced or bit-flipped file); ``remedy`` says
+    what to do. Files not in the manifest are not checked.
     """
     path = directory / name
     record = read_json(path, directory=directory, remedy=remedy)
@@ -381,6 +399,15 @@ def verify_manifest(directory: Path, name: str, *, remedy: str = _DEFAULT_REMEDY
         isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values()
     ):
         raise RunStoreError(directory, path, "is not a manifest (no valid `files` list)", remedy)
+    if not files:
+        raise RunStoreError(directory, path, "lists no files, so it vouches for none", remedy)
+    if record.get(SEAL) != _seal(record):
+        raise RunStoreError(
+            directory,
+            path,
+            f"does not match its `{SEAL}` (edited or damaged after it was written)",
+            remedy,
+        )
     for relative, expected in files.items():
         file = directory / relative
         try:

@@ -11,6 +11,11 @@ short runs take longer than the rest of the book). Every page writes its headlin
 ``book/results/<page>.json``; ``--results-dir`` sends them elsewhere, and ``--compare DIR``
 sets the numbers of such a rerun beside the book's. ``--prose`` reruns nothing: it gives the
 executed pages the current markdown of their sources.
+
+Trained runs come from the run store or, when the book publishes them, from ``book/runs/``
+(:mod:`kalm.published`). ``--plan`` says for every page where its runs stand, ``--publish``
+copies them into ``book/runs/`` and ``--verify`` re-executes pages from the published runs and
+checks their numbers against the book's (:mod:`kalm.book_runs`).
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kalm.config import REPO_ROOT, RunConfig, cpu_has_native_bf16, load_config, resolve
+from kalm import hardware
+from kalm.config import REPO_ROOT, RunConfig, load_config, resolve
 from kalm.durable import atomic_write_text
+from kalm.published import VERIFY_TOLERANCE, keep_precision, locate, run_state
 from kalm.runs import Run
 
 __all__ = [
@@ -36,7 +43,6 @@ __all__ = [
     "cell_source",
     "cell_tags",
     "execute",
-    "hardware",
     "main",
     "page_config",
     "refresh_prose",
@@ -90,7 +96,8 @@ def page_config(
 ) -> RunConfig:
     """The resolved configuration of a page (``profile="auto"`` becomes a real profile)."""
     model = model or load_config().default_model
-    return resolve(**{"model": model, "profile": profile, **experiment.parameters})
+    cfg = resolve(**{"model": model, "profile": profile, **experiment.parameters})
+    return keep_precision(cfg)  # as the page's notebook_config does
 
 
 def execute(
@@ -99,10 +106,11 @@ def execute(
     model: str | None = None,
     profile: str = "auto",
     retrain: bool = False,
+    executed: Path = EXECUTED,
     results_dir: Path | None = None,
     runs_dir: Path | None = None,
 ) -> Path:
-    """Run one experiment notebook into ``book/experiments/<page>.ipynb`` and return its path.
+    """Run one experiment notebook into ``<executed>/<page>.ipynb`` and return its path.
 
     ``retrain`` is the notebook parameter: the page trains anew every run it uses.
     ``results_dir`` and ``runs_dir``, when given, are injected as the parameters of those names
@@ -125,12 +133,12 @@ def execute(
         },
     }
     source = NOTEBOOKS / f"{experiment.notebook}.ipynb"
-    target = EXECUTED / f"{experiment.page}.ipynb"
+    target = executed / f"{experiment.page}.ipynb"
     # A temporary name of this process: a failed run keeps the previous executed copy, and two
     # runs of one page never write into one file.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     started = time.perf_counter()
-    print(f"== {source.relative_to(REPO_ROOT)} -> {target.relative_to(REPO_ROOT)} {params}")
+    print(f"== {source.relative_to(REPO_ROOT)} -> {target} {params}")
     try:
         papermill.execute_notebook(
             str(source),
@@ -154,24 +162,12 @@ def _write_notebook(path: Path, nb: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False))
 
 
-def hardware() -> str:
-    """What computed a page, in the terms that decide its speed and precision: the GPU, else the
-    CPU cores and whether they multiply bf16 natively (``precision: auto`` follows that)."""
-    import torch  # here, not at the top: the command line starts without torch
-
-    if torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
-        return f"{gpus} x {torch.cuda.get_device_name(0)}"
-    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-    return f"{os.cpu_count()} CPU cores, {bf16}"
-
-
 def record_provenance(path: Path, cfg: RunConfig) -> None:
     """Write into an executed notebook's metadata (``kalm``) the precision its runs resolved to
     and the hardware that ran it: runs of other precisions live under other keys and give
     somewhat different numbers, so the book says for every page which one it shows."""
     nb = json.loads(path.read_text(encoding="utf-8"))
-    nb["metadata"]["kalm"] = {"precision": cfg.train.precision, "hardware": hardware()}
+    nb["metadata"]["kalm"] = {"precision": cfg.train.precision, "hardware": hardware.describe()}
     _write_notebook(path, nb)
 
 
@@ -234,35 +230,25 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
     Papermill reports cells, not optimiser steps, so without this a regeneration from an empty
     run store sits on one cell for hours; the line says how much training comes, in which
     precision (``auto`` resolved for this machine), from which step a regeneration that spans
-    sessions resumes, and which file to follow.
+    sessions resumes (from a local or a published checkpoint), and which file to follow. A run
+    the book publishes is announced as loaded from ``book/runs/``, after its files verified.
     """
     run = Run.trained(cfg)
-    if not retrain and run.completion() is not None:
+    if not retrain and run.finished_record() is not None:
         return None
+    state, resume = run_state(run) if not retrain else ("none", None)
+    if state == "published":
+        return f"   loads the published run {locate(run).done_path.parent}"
     t = cfg.train
     steps = f"{t.max_steps:,} steps of {t.global_batch_size} examples"
     budget = steps if t.max_steps else f"{t.epochs:g} epochs"
-    resume = _checkpoint_step(run) if not retrain else None
     resuming = f", resuming at step {resume:,}" if resume else ""
+    if resume and state == "published checkpoint":
+        resuming += " of its published checkpoint"
     return (
         f"   trains {run.path.name}: {budget} in {t.precision}{resuming}; "
         f"progress: {run.train_log_path}"
     )
-
-
-def _checkpoint_step(run: Run) -> int | None:
-    """The step an unfinished run resumes from, or None without a readable checkpoint (training
-    itself then names the problem)."""
-    if not run.checkpoint_path.is_file():
-        return None
-    import torch
-
-    try:
-        # Memory-mapped: only the step is read here, the tensors stay on disk for training.
-        state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-        return int(state["step"])
-    except Exception:  # an announcement never stops a regeneration
-        return None
 
 
 def regeneration_table(executed: Path = EXECUTED) -> str:
@@ -337,6 +323,30 @@ def main(argv: list[str] | None = None) -> int:
         help="run nothing: give the chosen executed pages (default: all) the current markdown of "
         "their source notebooks; refused for a page whose code changed since it ran",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="run nothing: print for every chosen page and run whether it is published, in the "
+        "run store (finished or at step N) or to be trained, with an estimate of the minutes",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="copy the finished runs of the chosen pages (default: all) into book/runs/, and the "
+        "latest checkpoint of an unfinished one into book/runs/<run>/checkpoint/",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-execute the chosen pages from the published runs into a temporary directory and "
+        "compare every number of their book/results/<page>.json; exit 1 on a mismatch",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=VERIFY_TOLERANCE,
+        help=f"relative tolerance of --verify (default {VERIFY_TOLERANCE:g})",
+    )
     args = parser.parse_args(argv)
     if args.compare is not None:
         from kalm.results import compare
@@ -361,6 +371,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"refused: {err}", file=sys.stderr)
                 refused += 1
         return 1 if refused else 0
+    if args.plan or args.publish or args.verify:
+        from kalm import book_runs  # plans, publishes and verifies the pages' runs
+
+        named = [e for e in BOOK_EXPERIMENTS if e.page in args.pages] or list(BOOK_EXPERIMENTS)
+        options = {"model": args.model, "profile": args.profile}
+        if args.plan:
+            return book_runs.plan(chosen, **options)
+        if args.publish:
+            return book_runs.publish_pages(named, **options)
+        return book_runs.verify(chosen, **options, tolerance=args.tolerance)
     retrained: set[Path] = set()
     for experiment in chosen:
         cfg = page_config(experiment, model=args.model, profile=args.profile)

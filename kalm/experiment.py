@@ -1,7 +1,7 @@
 """Experiments: the untuned and the KaLM-tuned model of a configuration, with their run store.
 
 This is the top of the library: it loads models (:mod:`kalm.models`), trains them
-(:mod:`kalm.train`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
+(:mod:`kalm.trainer`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
 :class:`~kalm.runs.Run` for caches and metrics) in one call, :func:`load_encoder`. Evaluation
 and analysis never import it; the notebooks do. The model is passed on as the configuration's
 :class:`~kalm.config.ModelSpec`. Notebooks turn their parameters into a configuration with
@@ -13,22 +13,25 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import ConfigError, EvalConfig, RunConfig, Session, TrainConfig, resolve
 from kalm.data import load_kg
-from kalm.durable import RunStoreError, lock_directory
+from kalm.durable import LOCK_NAME, RunStoreError, lock_directory
 from kalm.encoder import Encoder
 from kalm.models import load_model
+from kalm.published import keep_precision, locate, restore_checkpoint
 from kalm.runs import RETRAIN, Run
-from kalm.train import Trainer, check_processes, process_state
+from kalm.trainer import Trainer, check_processes, process_state
 from kalm.views import ViewBuilder
 
 __all__ = [
@@ -81,9 +84,12 @@ def train_or_load(
     """The KaLM-tuned model of ``cfg``: loaded if its run finished, else trained (resuming).
 
     Training is the only expensive path; every notebook calls this, so the first one trains and
-    the others reuse the adapter. The run directory is locked throughout: a second process for
-    the same configuration waits (up to ``wait`` seconds) and then loads what the first trained.
-    A finished run is loaded only if its files verify; a damaged one raises
+    the others reuse the adapter. An unfinished run is trained under its directory's lock: a
+    second process for the same configuration waits (up to ``wait`` seconds) and then loads
+    what the first trained. A finished run is loaded without the lock (from a read-only store
+    too), and only if its record and files verify. A run the book publishes
+    (:mod:`kalm.published`) is loaded from ``book/runs/`` when the local store lacks it, and its
+    published checkpoint resumes an unfinished one. A damaged run raises
     :class:`~kalm.durable.RunStoreError` and is retrained only on request: ``retrain=True``
     discards the run and trains it again. ``retrain=None`` follows ``cfg.session`` (the notebook
     parameter ``retrain``, see :func:`notebook_config`), which retrains each run once.
@@ -93,44 +99,102 @@ def train_or_load(
     discards it on ``retrain`` and writes every file; the others wait for it at a barrier
     before they read the run, and again before anyone returns, so the adapter is there for
     all of them.
+
+    The run lives in the run store of ``cfg`` (:func:`~kalm.runs.runs_dir`). A new run
+    reads its dataset before the model, so bad data fails in seconds; a run that fails before
+    it holds anything to resume from (a checkpoint) leaves no directory behind.
     """
     run = Run.trained(cfg)
-    session = cfg.session
     if retrain is None:
-        retrain = session.retrain and run.path not in session.retrained
+        retrain = cfg.session.retrain and run.path not in cfg.session.retrained
+    found = None if retrain else locate(run)  # the local store first, then book/runs/
+    if found is not None and found.finished_record() is not None:
+        # A finished run changes only by a retrain (under the lock, done.json deleted first),
+        # so loading it needs no lock, and no write access: a read-only store serves it.
+        return _load_finished(cfg, found)
     state = process_state()
     main = state.is_main_process
     lock = lock_directory(run.path, timeout=wait, purpose=f"train or load {run.path.name}")
     # The others do not take the lock: waiting for it, they would block the collectives of
     # the main process's training.
     with lock if main else contextlib.nullcontext():
-        if retrain and main:
-            run.discard()
-        if retrain:
-            session.retrained.add(run.path)
-        state.wait_for_everyone()
-        record = run.completion()
-        if record is None:
-            check_processes(cfg.train, state.num_processes)  # before minutes of loading
-        model, tokenizer = _load(cfg)
-        if record is not None:
-            return _load_adapter(model, run), tokenizer, run
-        if main:
-            run.save_config(cfg)
-        trainer = Trainer(model, tokenizer, load_kg(cfg.dataset), cfg, run)
-        tuned = trainer.fit(progress=progress)
-        if main:
-            tuned.save_pretrained(run.adapter_dir)
-            sessions = trainer.sessions()
-            run.save_done(
-                {
-                    "steps": trainer.steps,
-                    "examples": len(trainer.examples),
-                    "seconds": sum(s["seconds"] for s in sessions),
-                    "sessions": sessions,
-                }
-            )
-        state.wait_for_everyone()
+        try:
+            tuned, tokenizer, found = _train_or_load_locked(cfg, run, state, retrain, progress)
+        except BaseException:
+            if main:
+                _remove_if_unstarted(run)
+            raise
+    return tuned, tokenizer, found
+
+
+def _train_or_load_locked(
+    cfg: RunConfig, run: Run, state: PartialState, retrain: bool, progress: bool
+) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
+    """The body of :func:`train_or_load`, run under the lock of ``run`` (by its main process):
+    the tuned model, its tokenizer and the run it came from (local, or published)."""
+    main = state.is_main_process
+    if retrain and main:
+        run.discard()
+    if retrain:
+        cfg.session.retrained.add(run.path)
+    elif main:
+        restore_checkpoint(run)  # a published checkpoint resumes as a local one does
+    state.wait_for_everyone()
+    found = run if retrain else locate(run)  # the local store first, then book/runs/
+    if found.finished_record() is not None:
+        return _load_finished(cfg, found)
+    check_processes(cfg.train, state.num_processes)  # before minutes of loading
+    kg = load_kg(cfg.dataset)  # before the model too: bad data fails in seconds
+    model, tokenizer = _load(cfg)
+    trainer = Trainer(model, tokenizer, kg, cfg, run)
+    if main:
+        run.save_config(cfg)
+    tuned = trainer.fit(progress=progress)
+    if main:
+        tuned.save_pretrained(run.adapter_dir)
+        sessions = trainer.sessions()
+        run.save_done(
+            {
+                "steps": trainer.steps,
+                "examples": len(trainer.examples),
+                "seconds": sum(s["seconds"] for s in sessions),
+                "sessions": sessions,
+            }
+        )
+    state.wait_for_everyone()
+    return tuned, tokenizer, run
+
+
+# What a run directory holds before its first checkpoint; all of it is written again on a retry.
+_UNSTARTED = frozenset({LOCK_NAME, "config.json", "train_log.jsonl"})
+
+
+def _remove_if_unstarted(run: Run) -> None:
+    """Remove the directory of a run that failed before it held anything to resume from (its
+    lock, and perhaps its configuration and an empty log), so the failure leaves no run behind.
+
+    Called under the lock. A process that was waiting for the same run then takes the lock of
+    a removed file; whatever it writes creates the directory again.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if {p.name for p in run.path.iterdir()} <= _UNSTARTED:
+            shutil.rmtree(run.path, ignore_errors=True)
+
+
+def _load_finished(
+    cfg: RunConfig, run: Run, precision: str | None = None
+) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
+    """The model of ``cfg`` (in ``precision``, by default ``cfg.train.precision``) with the
+    verified adapter of its finished ``run`` (local or published); an adapter that cannot be
+    loaded raises RunStoreError naming the run."""
+    model, tokenizer = _load(cfg, precision)
+    try:
+        tuned = PeftModel.from_pretrained(model, run.adapter_dir)
+    except Exception as err:  # peft and safetensors raise many types; all mean "unreadable"
+        raise RunStoreError(
+            run.path, run.adapter_dir, f"cannot be loaded ({type(err).__name__}: {err})", RETRAIN
+        ) from err
+    tuned.eval()
     return tuned, tokenizer, run
 
 
@@ -155,24 +219,11 @@ def load_encoder(
         model, tokenizer, run = train_or_load(cfg, progress=progress)
         if precision not in (None, cfg.train.precision):
             del model
-            base, tokenizer = _load(cfg, precision)
-            model = _load_adapter(base, run)
+            model, tokenizer, run = _load_finished(cfg, run, precision)
     else:
         model, tokenizer, run = load_base(cfg, precision=precision)
     views = ViewBuilder.from_config(load_kg(cfg.dataset), tokenizer, cfg)
     return Encoder.from_config(model, views, cfg), run
-
-
-def _load_adapter(model: PreTrainedModel, run: Run) -> PeftModel:
-    """The verified adapter of a finished run on ``model``; a failure names the run."""
-    try:
-        tuned = PeftModel.from_pretrained(model, run.adapter_dir)
-    except Exception as err:  # peft and safetensors raise many types; all mean "unreadable"
-        raise RunStoreError(
-            run.path, run.adapter_dir, f"cannot be loaded ({type(err).__name__}: {err})", RETRAIN
-        ) from err
-    tuned.eval()
-    return tuned
 
 
 # ----------------------------------------------------------------------------------- notebooks
@@ -221,7 +272,10 @@ def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
         **overrides,
     )
     paths = {name: Path(namespace[name]) for name in EXECUTE_PARAMETERS if name in injected}
-    return replace(cfg, session=Session(retrain=retrain, **paths))
+    cfg = replace(cfg, session=Session(retrain=retrain, **paths))
+    if "precision" not in overrides:  # a run keeps the precision it started in (in its store)
+        cfg = keep_precision(cfg)
+    return cfg
 
 
 def _injected(history: Sequence[str]) -> list[str]:

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft.helpers import disable_input_dtype_casting
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.config import ModelSpec, cpu_has_native_bf16, load_config, local_model, weight_files
+from kalm.config import ModelSpec, load_config, local_model
 from kalm.data.files import user_cache
 from kalm.durable import (
     RunStoreError,
@@ -35,11 +37,14 @@ from kalm.durable import (
     verify_manifest,
     write_manifest,
 )
+from kalm.hardware import cpu_has_native_bf16
+from kalm.weights import is_model_directory
 
 __all__ = [
     "PRECISIONS",
     "ModelRef",
     "ModelUnavailableError",
+    "cache_argument",
     "cache_dir",
     "compute_dtype",
     "decoder_of",
@@ -48,6 +53,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "mixed_precision",
+    "mixed_precision_backward",
     "pool_last_token",
     "warn_if_emulated",
 ]
@@ -95,13 +101,29 @@ def mixed_precision(model: nn.Module) -> Iterator[None]:
     and pooled embeddings are computed in fp32 by their callers.
     """
     dtype = compute_dtype(model)
-    half = dtype in (torch.bfloat16, torch.float16)
     device = next(model.parameters()).device
     with (
-        torch.autocast(device.type, dtype=dtype, enabled=half),
-        disable_input_dtype_casting(model, active=half),
+        torch.autocast(device.type, dtype=dtype, enabled=_half(dtype)),
+        disable_input_dtype_casting(model, active=_half(dtype)),
     ):
         yield
+
+
+@contextmanager
+def mixed_precision_backward(model: nn.Module) -> Iterator[None]:
+    """The context of a backward through a :func:`mixed_precision` forward of ``model``.
+
+    Gradient checkpointing recomputes layers in the backward. torch restores the forward's
+    autocast for that, but not peft's switch that skips the adapters' input cast: a LoRA
+    dropout would then see an fp32 input where the forward saw a bf16 one, and the checkpoint
+    refuses the mismatch. The backward's own matmuls run without autocast, as they should.
+    """
+    with disable_input_dtype_casting(model, active=_half(compute_dtype(model))):
+        yield
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def _gguf_file(spec: ModelSpec) -> Path:
@@ -217,7 +239,7 @@ def _cached_snapshot(hub_id: str) -> Path | None:
         path = Path(snapshot_download(hub_id, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
-    return path if (path / "config.json").is_file() and weight_files(path) else None
+    return path if is_model_directory(path) else None
 
 
 def _hub_refusal(hub_id: str) -> str | None:
@@ -251,10 +273,11 @@ def _weights(spec: ModelSpec) -> str | Path:
         return _converted_dir(spec)
     path = Path(spec.hub_id).expanduser()
     if spec.source == "local" or path.is_dir():  # a configured hub_id may name a directory
-        if not ((path / "config.json").is_file() and weight_files(path)):
+        if not is_model_directory(path):
             raise ModelUnavailableError(
                 f"model {spec.alias!r}: {path} does not hold config.json and complete weights"
             )
+        _check_headers(path)
         return path
     cached = _cached_snapshot(spec.hub_id)
     if cached is not None:
@@ -285,8 +308,29 @@ def _unavailable(spec: ModelSpec, reason: str) -> ModelUnavailableError:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""The files one of which a model directory needs for its tokenizer: a fast tokenizer, a
+sentencepiece model (Llama-2) or a BPE vocabulary (with ``merges.txt``)."""
+
+
 def _tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    """The tokenizer of ``source``; a local directory without a readable one is refused with
+    its name (transformers' own error suggests installing converters instead)."""
+    if isinstance(source, Path) and not any((source / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelUnavailableError(
+            f"{source} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. Copy "
+            "the tokenizer files of the model (with tokenizer_config.json and "
+            "special_tokens_map.json) into it, as save_pretrained or `hf download` writes them"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        if not isinstance(source, Path):
+            raise
+        raise ModelUnavailableError(
+            f"{source}: the tokenizer files cannot be loaded ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0]}); copy them again from the model's source"
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -308,8 +352,10 @@ def _check_8bit(device: torch.device) -> None:
     if missing:
         raise ModelUnavailableError(
             f"8-bit loading (train.load_in_8bit, on in profile `paper`) needs "
-            f"{' and '.join(missing)}. Without a GPU, use a smaller model or profile "
-            f"(`-p profile cpu`), or keep the weights in bf16 (`load_in_8bit=false`)."
+            f"{' and '.join(missing)}. Without a GPU, use a smaller model or profile, or keep "
+            "the weights in bf16: on the command line `--profile cpu` or `--set "
+            "load_in_8bit=false`; in a notebook `-p profile cpu` or `-y 'overrides: "
+            "{load_in_8bit: false}'`."
         )
 
 
@@ -323,8 +369,9 @@ def warn_if_emulated(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(
             "precision bf16 on a CPU without AMX or AVX512-BF16: bf16 matmuls are emulated and "
-            "far slower than fp32 here. Use `precision: auto` or `fp32` "
-            "(e.g. -y 'overrides: {precision: fp32}'), or a machine with native bf16.",
+            "far slower than fp32 here. Use `precision: auto` or `fp32` (`--set "
+            "precision=fp32` on the command line, -y 'overrides: {precision: fp32}' in a "
+            "notebook), or a machine with native bf16.",
             stacklevel=3,
         )
 
@@ -358,22 +405,61 @@ def load_model(
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         index = device.index if device.index is not None else torch.cuda.current_device()
         kwargs["device_map"] = {"": index}
+    tokenizer = _tokenizer(source)  # before the weights: a missing one fails in seconds
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        loaded, info = AutoModelForCausalLM.from_pretrained(
+            source, output_loading_info=True, **kwargs
+        )
     except OSError as err:
         if isinstance(source, Path):
             raise  # a local file that cannot be read: its own message names it
         raise _unavailable(spec, f"the download failed ({type(err).__name__}: {err})") from err
+    _check_complete(source, info["missing_keys"])
     if not load_in_8bit:
         loaded.to(device)
     loaded.eval()
-    return loaded, _tokenizer(source)
+    return loaded, tokenizer
+
+
+def _check_headers(directory: Path) -> None:
+    """Refuse a safetensors weight file of ``directory`` whose header does not parse, by name
+    (transformers' error names none). Only the headers are read."""
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except SafetensorError as err:
+            raise ModelUnavailableError(
+                f"{path} is damaged ({err}); download or copy this weight file again"
+            ) from err
+
+
+def _check_complete(source: str | Path, missing: Collection[str]) -> None:
+    """Refuse a model whose weights lack some of its tensors.
+
+    transformers initialises them at random and only logs it; training on would tune the
+    adapters of a partly random model.
+    """
+    if missing:
+        names = sorted(missing)
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise ModelUnavailableError(
+            f"{source}: the weights lack {len(names)} tensors of the model ({shown}), which "
+            "would be initialised at random; copy the complete weights (every shard) again"
+        )
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The transformer body (no LM head) of a causal LM, also through a peft wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder()
+
+
+def cache_argument(decoder: nn.Module) -> str:
+    """The name of the attention-cache argument (and output field) of ``decoder``'s forward:
+    transformers 5 renamed ``past_key_values`` to ``cache``."""
+    forward = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
 
 
 def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

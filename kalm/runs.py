@@ -1,6 +1,6 @@
 """The run store: one directory per resolved configuration, so notebooks share trained adapters.
 
-``runs/<model>-<dataset>-<profile>-s<seed>-<hash>/`` (``<model>`` is the alias, or a local
+``<store>/<model>-<dataset>-<profile>-s<seed>-<hash>/`` (``<model>`` is the alias, or a local
 directory's name and a digest of its path) holds ``config.json``, the training log,
 ``checkpoint.pt`` while training, ``adapter/`` (peft's standard format) and the completion
 record ``done.json`` once finished, metrics (``metrics/*.json``) and cached embeddings
@@ -12,11 +12,13 @@ Nothing is trusted as found. ``done.json`` is a manifest (size and sha256 of eve
 finished run) written last, and a run counts as finished only if it verifies; a damaged part of
 a trained run raises :class:`~kalm.durable.RunStoreError` rather than being retrained silently.
 Cache entries carry a seal (size, sha256 and what they derive from) and are recomputed, with a
-one-line warning, when it does not match.
+one-line warning, when it does not match. The runs the book ships live in ``book/runs/``
+(:mod:`kalm.published`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,14 +26,15 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kalm.config import REPO_ROOT, RunConfig
+from kalm.config import RunConfig
+from kalm.data.files import user_cache
 from kalm.durable import (
     RunStoreError,
     StoreWarning,
@@ -45,7 +48,7 @@ from kalm.durable import (
     write_manifest,
 )
 
-__all__ = ["RETRAIN", "Run", "runs_dir"]
+__all__ = ["EVALUATED_WITH", "RETRAIN", "Run", "runs_dir"]
 
 RETRAIN = (
     "A trained run is never retrained silently: retrain it with "
@@ -54,17 +57,23 @@ RETRAIN = (
 )
 """What to do about a damaged trained run; every error about one ends with it."""
 
+EVALUATED_WITH = ("precision", "load_in_8bit", "max_entity_tokens")
+"""Training settings that also shape every evaluation of a model, the untuned one's too: the
+precision its weights and matmuls run in and the truncation of the entity views. Metric names
+cover them (see :meth:`Run.metric_name`); a tuned model's other settings are in its directory."""
+
 # Files that change after a run finished (they derive from it) and so are not in its manifest.
 _DERIVED = ("cache/*", "metrics/*")
 
 
 def runs_dir(cfg: RunConfig | None = None) -> Path:
     """Root of the run store: ``cfg.session.runs_dir`` (the page parameter ``runs_dir`` that
-    :func:`kalm.execute.execute` injects), else ``KALM_RUNS_DIR``, else ``runs/`` in the
-    repository."""
+    :func:`kalm.execute.execute` injects), else ``KALM_RUNS_DIR``, else ``runs/`` in the user
+    cache (``~/.cache/kalm/runs``), outside the working tree so that laying it anew loses no
+    run."""
     if cfg is not None and cfg.session.runs_dir is not None:
         return cfg.session.runs_dir
-    return Path(os.environ.get("KALM_RUNS_DIR", REPO_ROOT / "runs"))
+    return Path(os.environ.get("KALM_RUNS_DIR") or user_cache() / "runs")
 
 
 def _slug(text: str) -> str:
@@ -78,11 +87,12 @@ class Run:
     path: Path
 
     @classmethod
-    def trained(cls, cfg: RunConfig) -> Run:
-        """The directory of the KaLM-tuned model of ``cfg``."""
+    def trained(cls, cfg: RunConfig, root: Path | None = None) -> Run:
+        """The directory of the KaLM-tuned model of ``cfg`` in the run store ``root`` (by
+        default ``runs_dir(cfg)``, see :func:`runs_dir`)."""
         model = _slug(cfg.model.store_name)
         name = f"{model}-{cfg.dataset}-{cfg.profile}-s{cfg.seed}-{cfg.train_key()}"
-        return cls(runs_dir(cfg) / name)
+        return cls((root or runs_dir(cfg)) / name)
 
     @classmethod
     def base(cls, cfg: RunConfig) -> Run:
@@ -122,20 +132,22 @@ class Run:
         write_manifest(self.path, self.done_path.name, record, ignore=ignore)
         self.checkpoint_path.unlink(missing_ok=True)
 
-    def completion(self) -> dict[str, Any] | None:
+    def finished_record(self) -> dict[str, Any] | None:
         """The completion record if the run finished, None while it is unfinished.
 
-        The record is returned only after every file it lists was checked (size and sha256):
-        a missing, truncated or changed file, or an unreadable ``done.json``, raises
-        :class:`~kalm.durable.RunStoreError` naming the file.
+        The record is returned only after its seal and every file it lists were checked (size
+        and sha256): a missing, truncated or changed file, or an unreadable, edited or empty
+        ``done.json``, raises :class:`~kalm.durable.RunStoreError` naming the file. Reading
+        needs no write access, so a finished run loads from a read-only store.
         """
         if not self.done_path.exists():
             return None
         return verify_manifest(self.path, self.done_path.name, remedy=RETRAIN)
 
     def done(self) -> dict[str, Any]:
-        """The verified completion record of a finished run (see :meth:`completion`)."""
-        record = self.completion()
+        """The verified completion record of a run that must have finished: an unfinished run
+        raises FileNotFoundError (see :meth:`finished_record`, which returns None instead)."""
+        record = self.finished_record()
         if record is None:
             raise FileNotFoundError(f"{self.done_path} not found: the run has not finished")
         return record
@@ -163,7 +175,7 @@ class Run:
     def fingerprint(self) -> str:
         """What this run's caches derive from: the sha256 of its verified adapter files, or ""
         for a directory without a completion record (the untuned model's)."""
-        record = self.completion()
+        record = self.finished_record()
         if record is None:
             return ""
         adapter = {k: v for k, v in record["files"].items() if k.startswith("adapter/")}
@@ -171,13 +183,29 @@ class Run:
 
     # -------------------------------------------------------------------------------- metrics
     @staticmethod
-    def metric_name(task: str, cfg: RunConfig, split: str | None = None) -> str:
-        """The one naming scheme of metrics: ``<task>-<dataset>-<profile>[-<split>]``.
+    def metric_name(
+        task: str, cfg: RunConfig, split: str | None = None, *, reads: Sequence[str] | None = None
+    ) -> str:
+        """The one naming scheme of metrics: ``<task>-<dataset>-<profile>[-<split>]-<digest>``.
 
-        Dataset and profile are part of the name because the base model's directory is shared
-        by every dataset and profile.
+        A metric is loaded back by its name, so the name covers everything the value depends
+        on beyond the run directory's model state: the model, dataset and seed (the base
+        model's directory is shared by every dataset, profile and seed), the evaluation sizes
+        (``reads``: the :class:`~kalm.config.EvalConfig` fields the computation reads, default
+        all of them) and the training settings every evaluation runs with
+        (:data:`EVALUATED_WITH`). The digest is a hash of those resolved values; dataset,
+        profile and split stay readable in front of it.
         """
-        return "-".join([task, cfg.dataset, cfg.profile, *([split] if split else [])])
+        evaluation = dataclasses.asdict(cfg.eval)
+        settings = {
+            "model": dataclasses.asdict(cfg.model),
+            "dataset": cfg.dataset,
+            "seed": cfg.seed,
+            "eval": {k: evaluation[k] for k in (evaluation if reads is None else reads)},
+            "train": {k: getattr(cfg.train, k) for k in EVALUATED_WITH},
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        return "-".join([task, cfg.dataset, cfg.profile, *([split] if split else []), digest])
 
     def save_metrics(self, name: str, metrics: dict[str, Any]) -> Path:
         """Write ``metrics/<name>.json`` (atomically)."""
@@ -215,16 +243,20 @@ class Run:
     def _cached(
         self, name: str, compute: Callable[[], torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The entry ``name`` and its seal, computed under the cache directory's lock.
+        """The entry ``name`` and its seal; computed, if missing, under the cache's lock.
 
-        The lock makes a second process wait for the first one's computation and then read it,
-        instead of computing it again beside it.
+        A sealed entry is read without the lock: it is replaced only by atomic renames, and a
+        read-only store serves its caches. The lock makes a second process wait for the first
+        one's computation and then read it, instead of computing it again beside it.
         """
         path = self.path / "cache" / f"{name}.pt"
         seal_path = path.with_suffix(".json")
         source = self.fingerprint()
+        found = self._read_cache(path, seal_path, source, warn=False)
+        if found is not None:
+            return found
         with lock_directory(path.parent, purpose=f"compute the cache entry {name}"):
-            found = self._read_cache(path, seal_path, source)
+            found = self._read_cache(path, seal_path, source, warn=True)
             if found is not None:
                 return found
             started = time.perf_counter()
@@ -242,9 +274,10 @@ class Run:
         return value, seal
 
     def _read_cache(
-        self, path: Path, seal_path: Path, source: str
+        self, path: Path, seal_path: Path, source: str, *, warn: bool
     ) -> tuple[torch.Tensor, dict[str, Any]] | None:
-        """The entry at ``path`` if its seal matches; else None after a one-line warning."""
+        """The entry at ``path`` if its seal matches; else None, after a one-line warning with
+        ``warn`` (the read under the lock, whose caller then computes the entry again)."""
         if not path.exists() and not seal_path.exists():
             return None
         try:
@@ -262,6 +295,8 @@ class Run:
             problem = f"has no readable seal ({err.problem})"
         except (OSError, RuntimeError, ValueError) as err:  # a missing or unloadable file
             problem = f"cannot be read ({type(err).__name__}: {err})"
+        if not warn:
+            return None
         warnings.warn(
             str(RunStoreError(self.path, path, problem, "Computing it again.")),
             StoreWarning,

@@ -9,81 +9,35 @@ configuration file itself, and the book renders it at build time.
 from __future__ import annotations
 
 import dataclasses
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 
-from kalm.config import Config, EvalConfig, RunConfig, TrainConfig, load_config, resolve
+from kalm.config import (
+    RULES,
+    Config,
+    EvalConfig,
+    Range,
+    RunConfig,
+    TrainConfig,
+    load_config,
+    resolve,
+)
 from kalm.data import DataError, load_kg
 
 __all__ = ["MEANINGS", "profile_differences"]
 
-MEANINGS: dict[str, str] = {
-    "lr": "AdamW learning rate (cosine schedule)",
-    "weight_decay": "AdamW weight decay",
-    "batch_size": "triples per micro-batch, i.e. in-batch negatives per query",
-    "gradient_accumulation_steps": "micro-batches accumulated per optimiser step and process",
-    "max_grad_norm": "gradient clipping by global norm (0: none)",
-    "processes": "data-parallel processes (GPUs) of the launch",
-    "max_steps": "optimiser steps (0: train for the given number of epochs)",
-    "epochs": "passes over the training examples when max_steps is 0",
-    "lm_fraction": "share of each batch that also gets the triple-completion loss L_imp",
-    "lam": "weight λ of L_imp in L_exp + λ L_imp",
-    "tau": "temperature τ of the contrastive loss",
-    "margin": "margin γ subtracted from the positive's cosine",
-    "learnable_tau": "whether τ is trained",
-    "self_negatives": "the head's own tail view as an extra negative (SimKGC)",
-    "lora_r": "LoRA rank",
-    "lora_alpha": "LoRA scaling α",
-    "lora_dropout": "dropout on the LoRA input",
-    "lora_targets": "projections that get LoRA adapters",
-    "max_entity_tokens": "tokens kept of an entity's name and description",
-    "max_prompt_tokens": "tokens kept of a triple-completion prompt",
-    "train_subset": "training triples used (0: all)",
-    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
-    "compile": "torch.compile the model",
-    "gather_negatives": "share in-batch negatives across GPUs",
-    "load_in_8bit": "base model weights in 8 bit",
-    "checkpoint_every": "steps between saved training states",
-    "test_queries": "test triples ranked, each in both directions (0: the full test set)",
-    "valid_queries": "validation triples ranked (0: all)",
-    "candidates": "entities ranked per query (0: every entity)",
-    "query_batch_size": "queries encoded per forward pass",
-    "entity_batch_size": "entities encoded per forward pass",
-    "kgqa_questions": "questions per KGQA task (0: one per test triple)",
-    "kgqa_shots": "worked examples in each KGQA prompt",
-    "kgqa_max_new_tokens": "tokens generated per KGQA answer",
-    "lm_tokens": "WikiText-103 test tokens scored for perplexity (0: all)",
-    "lm_window": "context window of the perplexity evaluation",
-    "lm_stride": "stride of the perplexity evaluation's sliding window",
-    "analysis_triples": "test triples in the similarity heatmaps",
-    "analysis_sentences": "WikiText sentences in the similarity heatmaps",
-    "precision": "weights and matmuls of training and evaluation (bf16: mixed precision)",
-    "warmup_steps": "linear warm-up steps of the learning-rate schedule",
-    "kgqa_batch_size": "KGQA prompts generated per batch",
-    "lm_batch_size": "perplexity windows per forward pass",
-    "rank_chunk_size": "queries ranked against all candidates at once",
-    "sentence_tokens": "tokens kept of a WikiText sentence in the similarity analysis",
-    "stats_min_rows": "least rows behind a similarity statistic",
-    "analysis_batch_size": "texts encoded per forward pass in the similarity analysis",
-    "study_examples": "training examples per arm of a study (steps = examples / batch size)",
-    "study_queries": "validation triples ranked per study arm (0: all)",
-    "study_candidates": "entities ranked per study query, gold included (0: every entity)",
-    "self_negative_grad": "self-negatives trained through the head's view (SimKGC), not constant",
-    "theorem1_negatives": "negative counts in the numerical check of Theorem 1",
-    "theorem1_dim": "embedding dimension of the Theorem 1 check",
-    "theorem1_queries": "queries of the Theorem 1 check",
-    "theorem1_pool": "pool of random negatives of the Theorem 1 check",
-    "descent_rows": "rows optimised in the Theorem 2 descent",
-    "descent_dim": "embedding dimension of the Theorem 2 descent",
-    "descent_steps": "gradient steps of the Theorem 2 descent",
-}
-"""One line per configuration field: what it controls (a test checks that none is missing)."""
-
-ALL_IF_ZERO = frozenset(
-    {"test_queries", "valid_queries", "candidates", "train_subset", "kgqa_questions", "lm_tokens"}
+MEANINGS: Mapping[str, str] = types.MappingProxyType(
+    {
+        field.name: field.metadata.get("meaning", "")
+        for cls in (TrainConfig, EvalConfig)
+        for field in dataclasses.fields(cls)
+    }
 )
-"""Fields for which 0 means "everything"."""
+"""One line per configuration field: what it controls, as declared with
+:func:`kalm.config.setting`."""
 
 
 def profile_differences(
@@ -134,11 +88,6 @@ def profile_differences(
                 values = {name: _stated_precision(config, name, v) for name, v in values.items()}
             if values[base] == values[other]:
                 continue
-            if field.name not in MEANINGS:
-                raise KeyError(
-                    f"kalm.settings.MEANINGS has no meaning for `{section}.{field.name}`; "
-                    f"add a one-line description of it"
-                )
             rows.append(
                 {
                     "setting": f"{section}.{field.name}",
@@ -149,6 +98,15 @@ def profile_differences(
                 }
             )
     return pd.DataFrame(rows).set_index("setting")[["meaning", base, other]]
+
+
+def _zero_means(field: str) -> str:
+    """What 0 means for ``field`` ("every test triple", "no clipping"), as its rule says it in
+    error messages, or ``""`` where 0 is an ordinary value."""
+    rule = RULES[field]
+    if isinstance(rule, Range) and rule.note.startswith("0 = "):
+        return rule.note.removeprefix("0 = ")
+    return ""
 
 
 def _dataset_sizes(dataset: str) -> dict[str, int] | None:
@@ -191,7 +149,7 @@ def _test_set(run: RunConfig, sizes: dict[str, int] | None) -> str:
 
 def _stated_precision(config: Config, profile: str, resolved: str) -> str:
     """A profile's own ``train.precision``: ``auto`` stays ``auto`` (resolved per machine, see
-    :func:`kalm.config.native_precision`), so the table does not depend on where it is built."""
+    :func:`kalm.hardware.native_precision`), so the table does not depend on where it is built."""
     stated = config.profiles[profile]["train"].get("precision", resolved)
     return "auto (bf16 with native bf16 hardware, else fp32)" if stated == "auto" else resolved
 
@@ -199,8 +157,9 @@ def _stated_precision(config: Config, profile: str, resolved: str) -> str:
 def _show(field: str, value: Any, run: RunConfig) -> str:
     if field == "lm_fraction":
         return f"{value:.3g} ({run.train.lm_examples} of {run.train.batch_size})"
-    if field in ALL_IF_ZERO and value == 0:
-        return "all"
+    zero = _zero_means(field)
+    if zero and value == 0 and not isinstance(value, bool):
+        return zero
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, tuple):

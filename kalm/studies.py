@@ -2,7 +2,7 @@
 
 The self-negative, tuning and lambda studies of the book share this: an arm is the notebook's
 configuration with a few fields changed, trained on ``study_examples`` examples (the steps follow
-from the arm's batch size, so arms of different batch sizes see as many examples) and ranked on
+from the arm's global batch, so arms of different batch sizes see as many examples) and ranked on
 ``study_queries`` validation triples against ``study_candidates`` entities, every gold entity
 among them. Validation answers are filtered with train and valid only; no study touches the test
 set. Every arm's numbers are cached in its run directory, so a study reruns in seconds and two
@@ -16,6 +16,7 @@ import gc
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,12 +29,14 @@ from kalm.durable import read_json
 from kalm.evaluate import kgqa, lm
 from kalm.evaluate.protocol import evaluate_kgc
 from kalm.experiment import load_base, load_encoder
+from kalm.published import locate
 from kalm.results import labels, results_dir
 from kalm.runs import Run
 
 __all__ = [
     "IN_BATCH_ONLY",
     "LAMBDAS",
+    "LANGUAGE_SETTINGS",
     "PERPLEXITY_LIMIT",
     "SELF_NEGATIVES_CONSTANT",
     "SELF_NEGATIVES_TRAINED",
@@ -102,25 +105,49 @@ class Arm:
 
 def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
     """``cfg`` with ``changes`` and the study budget: ``study_examples`` in steps of the global
-    batch, and the validation sizes of the study (checked like any override)."""
+    batch, and the validation sizes of the study (checked like any override).
+
+    A global batch never exceeds the budget: an arm whose batch is larger than
+    ``study_examples`` trains one step of a batch cut to the budget (the smoke profile's budget
+    of one small batch keeps its arms small), rather than one step that sees more examples
+    than the study allows.
+    """
     fields = {**dataclasses.asdict(cfg.train), **dataclasses.asdict(cfg.eval), **changes}
     fields["lora_targets"] = list(fields["lora_targets"])
     fields["theorem1_negatives"] = list(fields["theorem1_negatives"])
     # Steps count global batches (accumulated micro-batches of every process).
-    per_step = fields["batch_size"] * fields["gradient_accumulation_steps"] * fields["processes"]
-    fields["max_steps"] = max(1, cfg.eval.study_examples // per_step)
+    micro_batches = fields["gradient_accumulation_steps"] * fields["processes"]
+    budget = cfg.eval.study_examples
+    # In-batch negatives need two examples per micro-batch, whatever the budget.
+    fields["batch_size"] = max(2, min(fields["batch_size"], budget // micro_batches))
+    fields["max_steps"] = max(1, budget // (fields["batch_size"] * micro_batches))
     fields["valid_queries"] = cfg.eval.study_queries
     fields["candidates"] = cfg.eval.study_candidates
-    arm = resolve(
-        model=cfg.model.alias, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields
-    )
+    # A local model is named by its directory (a Path is never read as an alias).
+    model = Path(cfg.model.hub_id) if cfg.model.source == "local" else cfg.model.alias
+    arm = resolve(model=model, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields)
     return dataclasses.replace(arm, session=cfg.session)  # a retrain reaches the arms
+
+
+LANGUAGE_SETTINGS = (
+    "lm_tokens",
+    "lm_window",
+    "lm_stride",
+    "lm_batch_size",
+    "kgqa_questions",
+    "kgqa_shots",
+    "kgqa_max_new_tokens",
+    "kgqa_batch_size",
+)
+"""The evaluation sizes :func:`base_language` reads (by :func:`_perplexity` and
+:func:`_kgqa_tail`): its cached numbers are named by them, so every arm of a study shares them
+while a change of any of them measures again."""
 
 
 def base_language(cfg: RunConfig) -> dict[str, float]:
     """The untuned model's WikiText-103 perplexity (``ppl``) and KGQA tail-prediction accuracy
     on validation triples, the references of the arms (cached in the base model's directory)."""
-    name = Run.metric_name("study-language", cfg, "valid")
+    name = Run.metric_name("study-language", cfg, "valid", reads=LANGUAGE_SETTINGS)
     base_run = Run.base(cfg)
     cached = base_run.load_metrics(name)
     if cached is None:
@@ -170,8 +197,8 @@ def evaluate_arm(
     tail-prediction accuracy on validation triples. Cached in the arm's run directory.
     """
     name = Run.metric_name("study", cfg, "valid") + ("-language" if language else "")
-    finished = Run.trained(cfg)
-    cached = finished.load_metrics(name) if finished.completion() is not None else None
+    finished = locate(Run.trained(cfg))
+    cached = finished.load_metrics(name) if finished.finished_record() is not None else None
     if cached is not None:  # a rerun of a study loads no model
         return cached
     encoder, run = load_encoder(cfg, progress=progress)
@@ -186,7 +213,7 @@ def evaluate_arm(
         "queries": len(result.triples),
         "candidates": result.num_candidates,
         "steps": done["steps"],
-        "examples": done["steps"] * cfg.train.batch_size,
+        "examples": done["steps"] * cfg.train.global_batch_size,
         "train minutes": done["seconds"] / 60,
         "L_exp (last 10 steps)": float(np.mean([r["L_exp"] for r in log[-10:]])),
         "L_imp (last 10 steps)": float(np.mean([r["L_imp"] for r in log[-10:]])),
@@ -213,7 +240,7 @@ def run_study(
     for arm in arms:
         arm_cfg = arm_config(cfg, arm.changes)
         rows[arm.label] = evaluate_arm(arm_cfg, language=language, progress=progress)
-        runs[arm.label] = Run.trained(arm_cfg)
+        runs[arm.label] = locate(Run.trained(arm_cfg))
     return pd.DataFrame(rows).T.astype(float).rename_axis("arm"), runs
 
 

@@ -1,566 +1,199 @@
-"""The KaLM training loop: LoRA on a causal LM, ``L_exp + lam * L_imp``, exact checkpoint/resume.
+"""The command line of a training run: ``python -m kalm.train``.
 
-One code path serves CPU, one GPU and several (``accelerate launch``, ``torchrun``): the two
-views and the triple-completion prompt go through a single ``forward`` of :class:`KaLMModule`,
-which is what DDP/FSDP wrap, so gradient synchronisation sees every parameter use. Each
-optimiser step takes one global batch, which every process shards the same way
-(:func:`~kalm.batching.micro_batches`); only the main process writes the run directory.
+It trains one configuration (model, dataset, profile, seed and ``--set`` overrides) into the run
+store that the notebooks read, resumes it if it was interrupted, or finds it finished; a
+notebook given the same parameters afterwards loads the adapter instead of training. The same
+command runs under ``accelerate launch`` and ``torchrun``: every process resolves the same
+configuration, the number of processes is taken from the launch (``train.processes``, part of
+the run key) and :func:`kalm.experiment.train_or_load` shares the work out.
 
-``python -m kalm.train`` is the command line of a training run (:mod:`kalm.launch`).
+It lives above :mod:`kalm.experiment`, which imports the trainer (:mod:`kalm.trainer`); no
+module imports it. Those, with torch and transformers, are imported only once the arguments
+parse.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import inspect
+import errno
 import json
-import math
-import pickle
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from accelerate import Accelerator, PartialState
-from peft import (
-    LoraConfig,
-    PeftModel,
-    get_peft_model,
-    get_peft_model_state_dict,
-    prepare_model_for_kbit_training,
-)
-from peft import set_peft_model_state_dict as _set_adapter
-from torch import nn
-from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
+import yaml
 
-from kalm.batching import iterate_batches, micro_batches
-from kalm.config import ConfigError, RunConfig, TrainConfig
-from kalm.data import KnowledgeGraph
-from kalm.durable import RunStoreError, append_jsonl, atomic_torch_save, atomic_write_text
-from kalm.encoder import Encoder
-from kalm.losses import (
-    dual_view_logits,
-    false_negative_mask,
-    info_nce,
-    kalm_loss,
-    lm_loss_from_hidden,
-    self_negative_diagnostics,
-)
-from kalm.models import decoder_of, embed_batch, mixed_precision
-from kalm.runs import RETRAIN, Run
-from kalm.views import Collator, KaLMBatch, ViewBuilder, training_examples
+from kalm.config import REPO_ROOT, ConfigError, RunConfig, Session, load_config, resolve
+from kalm.durable import RunStoreError
 
-__all__ = [
-    "KaLMModule",
-    "StepResult",
-    "Trainer",
-    "TrainingDiverged",
-    "attach_lora",
-    "check_processes",
-    "gather_with_grad",
-    "process_state",
-    "total_steps",
-]
+__all__ = ["main", "notebook_command", "parser"]
+
+EPILOG = """\
+launch commands:
+  one process (the CPU, or one GPU):
+    python -m kalm.train --model smollm2 --dataset wn18rr
+  the paper's setting on one GPU (4 accumulated micro-batches of 24 per step):
+    python -m kalm.train --model llama2
+  the paper's setting on 4 GPUs (4 processes x 24 per step, as the recipe):
+    accelerate launch --num_processes 4 -m kalm.train --model llama2 \\
+        --set gradient_accumulation_steps=1
+    torchrun --nproc_per_node 4 -m kalm.train --model llama2 --set gradient_accumulation_steps=1
+  local weights instead of the hub (any directory holding config.json and the weights):
+    python -m kalm.train --model /path/to/Llama-2-7b-hf
+  two optimiser steps of the paper's setting, as a check of the set-up (a run of its own):
+    python -m kalm.train --model llama2 --set max_steps=2
+
+The number of processes comes from the launch and enters the run key (train.processes), since
+it sets the global batch: batch_size x gradient_accumulation_steps x processes examples per
+optimiser step. When the run is finished, the command prints the papermill call whose notebook
+loads the trained adapter.
+"""
 
 
-def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
-    """Wrap ``model`` with fresh LoRA adapters (rank, alpha, dropout, targets from the profile)."""
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_targets),
-        task_type="CAUSAL_LM",
+def _assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value read as YAML (``0.1``, ``true``, ``[q_proj, v_proj]``);
+    ``1e-4``, a string in YAML 1.1, is read as a number too."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. lam=0.1; got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML ({err})") from err
+    if isinstance(value, str):
+        for number in (int, float):
+            with contextlib.suppress(ValueError):
+                return key.strip(), number(value)
+    return key.strip(), value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser; its help lists the launch commands."""
+    config = load_config()
+    cli = argparse.ArgumentParser(
+        prog="python -m kalm.train",
+        description="Train the KaLM adapter of one run into the run store (or resume it, or "
+        "find it finished), alone or under accelerate launch / torchrun.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    return get_peft_model(model, lora)
+    cli.add_argument(
+        "--model",
+        default=None,
+        help=f"model alias ({', '.join(config.models)}; default {config.default_model}) or a "
+        "local directory holding config.json and the weights",
+    )
+    cli.add_argument(
+        "--dataset", default=None, help=f"{', '.join(config.datasets)} (default: the first)"
+    )
+    cli.add_argument(
+        "--profile",
+        default="auto",
+        help=f"{', '.join(config.profiles)} or auto (the model's default; KALM_PROFILE wins)",
+    )
+    cli.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    cli.add_argument(
+        "--set",
+        dest="overrides",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a train or eval field of the profile (repeatable), e.g. --set lam=0.1; "
+        "values are checked like the configuration file's",
+    )
+    cli.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="run store (default: KALM_RUNS_DIR, else ~/.cache/kalm/runs); run the "
+        "notebooks with the same KALM_RUNS_DIR to reuse the run",
+    )
+    cli.add_argument(
+        "--retrain", action="store_true", help="discard the run if it exists and train it anew"
+    )
+    return cli
 
 
-def total_steps(cfg: TrainConfig, num_examples: int) -> int:
-    """Optimiser steps of a run: ``max_steps`` if set, else ``epochs`` over the examples in
-    global batches (:attr:`~kalm.config.TrainConfig.global_batch_size`)."""
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * (num_examples // cfg.global_batch_size)))
+def notebook_command(cfg: RunConfig, overrides: dict[str, Any], runs: Path | None) -> str:
+    """The papermill call whose notebook resolves ``cfg`` again and so loads its adapter."""
+    model = cfg.model.hub_id if cfg.model.source == "local" else cfg.model.alias
+    parts = ["papermill", "notebooks/kgc.ipynb", "out.ipynb", "-p", "model", model]
+    parts += ["-p", "dataset", cfg.dataset, "-p", "profile", cfg.profile]
+    parts += ["-p", "seed", str(cfg.seed)]
+    changed = {k: v for k, v in overrides.items() if not (k == "processes" and v == 1)}
+    if changed:
+        parts += ["-y", f"overrides: {json.dumps(changed)}"]
+    command = shlex.join(parts)
+    return f"KALM_RUNS_DIR={shlex.quote(str(runs))} {command}" if runs else command
 
 
-def process_state() -> PartialState:
-    """This process's place in its launch (a single process without a launcher).
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status: 2 for an error of the configuration, the
+    model, the data, the run store or the disk, 1 for a divergence, each told in one line.
 
-    Created as the trainer's Accelerator is: without CUDA, accelerate joins the processes of
-    ``torchrun`` or ``accelerate launch`` (over gloo) only when told it runs on the CPU, and
-    otherwise takes every process for a lone one.
+    The arguments are parsed before torch and transformers are imported, so ``--help`` and a
+    bad argument answer at once. Every process of a launch runs it; only the main process
+    prints.
     """
-    return PartialState(cpu=not torch.cuda.is_available())
+    args = parser().parse_args(argv)
+    from kalm.data import DataError
+    from kalm.experiment import train_or_load
+    from kalm.models import ModelUnavailableError
+    from kalm.runs import runs_dir
+    from kalm.trainer import TrainingDiverged, process_state
 
+    overrides = dict(args.overrides)
+    runs = args.runs_dir.resolve() if args.runs_dir is not None else None
+    state = process_state()  # joins the launch's processes (one without a launcher)
+    overrides.setdefault("processes", state.num_processes)
+    main_process = state.is_main_process
 
-def check_processes(cfg: TrainConfig, processes: int) -> None:
-    """Refuse to train a run on another number of processes than ``train.processes``.
+    def fail(message: str, status: int) -> int:
+        if main_process:
+            print(f"error: {message}", file=sys.stderr)
+        return status
 
-    The processes set the global batch, hence the steps, the schedule and the run key; a run
-    resumed or trained on another number would silently be another run under the same name.
-    """
-    if cfg.processes != processes:
-        raise ConfigError(
-            f"the run is configured for train.processes = {cfg.processes} (a global batch of "
-            f"{cfg.global_batch_size}) but this launch has {processes} process(es). Launch it "
-            f"on {cfg.processes}: `accelerate launch --num_processes {cfg.processes} -m "
-            "kalm.train ...` or `torchrun --nproc_per_node ... -m kalm.train ...` (which sets "
-            f"processes from the launch), or set processes={processes} for another run"
+    try:
+        cfg = resolve(
+            model=args.model,
+            dataset=args.dataset,
+            profile=args.profile,
+            seed=args.seed,
+            **overrides,
         )
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` over all processes, keeping the gradient path to the local part.
-
-    With it, in-batch negatives come from the global batch (the recipe used per-device ones).
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
-
-
-class KaLMModule(nn.Module):
-    """One forward for a whole KaLM step: hr view, tail view and, optionally, the LM prompt and
-    the heads' tail views (self-negatives trained through, as in SimKGC)."""
-
-    def __init__(self, model: PeftModel, learnable_tau: bool, tau: float):
-        super().__init__()
-        self.model = model
-        # log(1/tau), as in the recipe; learnable only if asked (the recipe's never was).
-        self.log_inv_tau = nn.Parameter(
-            torch.tensor(math.log(1.0 / tau)), requires_grad=learnable_tau
-        )
-        # transformers 5 renamed `past_key_values` to `cache` (argument and output field).
-        forward = inspect.signature(decoder_of(model).forward).parameters
-        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
-
-    def forward(
-        self,
-        hr_ids: torch.Tensor,
-        hr_mask: torch.Tensor,
-        t_ids: torch.Tensor,
-        t_mask: torch.Tensor,
-        lm_ids: torch.Tensor | None = None,
-        lm_mask: torch.Tensor | None = None,
-        lm_prefix: torch.Tensor | None = None,
-        head_ids: torch.Tensor | None = None,
-        head_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hr = embed_batch(self.model, hr_ids, hr_mask)
-        t = embed_batch(self.model, t_ids, t_mask)
-        hidden = head = None
-        if lm_ids is not None and lm_mask is not None:
-            hidden = self.lm_hidden(lm_ids, lm_mask, lm_prefix)
-        if head_ids is not None and head_mask is not None:
-            head = embed_batch(self.model, head_ids, head_mask)
-        return hr, t, hidden, head
-
-    def lm_hidden(
-        self, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Final hidden states of the LM prompts ``ids`` (after ``prefix``, if given).
-
-        A ``(1, P)`` prefix shared by every prompt runs once; its keys and values, repeated for
-        each row, serve as the attention cache of the rows. This is the same computation as
-        running every full prompt (the gradient reaches the prefix through the cache), for
-        (B - 1) P fewer tokens.
-        """
-        decoder = decoder_of(self.model)
-        if prefix is None:
-            return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        name = self._cache_argument
-        cache = getattr(decoder(input_ids=prefix, use_cache=True), name)
-        cache.batch_repeat_interleave(len(ids))
-        full_mask = torch.cat([mask.new_ones(len(ids), prefix.shape[1]), mask], dim=1)
-        return decoder(input_ids=ids, attention_mask=full_mask, **{name: cache}).last_hidden_state
-
-
-_DIVERGED = (
-    "The run is not marked done and its last good checkpoint is kept; lower lr or change "
-    "tau, margin or lam, which starts a run of its own."
-)
-
-
-class TrainingDiverged(ArithmeticError):
-    """A training loss or the adapter became NaN or inf; the message names the step."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one optimiser step computed: the loss components (``l_exp``, ``l_imp``, ``total``,
-    ``tau``), the self-negative diagnostics (empty without self-negatives; see
-    :func:`~kalm.losses.self_negative_diagnostics`) and the seconds spent in forward + loss,
-    backward and the optimiser."""
-
-    losses: dict[str, torch.Tensor]
-    seconds: dict[str, float]
-    diagnostics: dict[str, float]
-
-
-class Trainer:
-    """Trains one run directory to completion, resuming from its checkpoint if there is one."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        kg: KnowledgeGraph,
-        cfg: RunConfig,
-        run: Run,
-        accelerator: Accelerator | None = None,
-    ):
-        self.cfg, self.tcfg, self.kg, self.run = cfg, cfg.train, kg, run
-        self.tokenizer = tokenizer
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision="bf16" if self.tcfg.precision == "bf16" else "no",
-        )
-        check_processes(self.tcfg, self.accelerator.num_processes)
-        torch.manual_seed(cfg.seed)
-        if getattr(model, "is_loaded_in_8bit", False):
-            # As in the recipe: frozen int8 weights, the other weights (norms, embeddings, LM
-            # head) in fp32, and inputs that carry gradients through checkpointed layers.
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=self.tcfg.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
+        cfg = replace(cfg, session=Session(runs_dir=runs))  # the store Run.trained(cfg) names
+        if main_process:
+            t = cfg.train
+            print(
+                f"{cfg.model.alias} on {cfg.dataset}, profile {cfg.profile}, seed {cfg.seed}: "
+                f"{t.global_batch_size} examples per step = {t.batch_size} x "
+                f"{t.gradient_accumulation_steps} accumulated x {t.processes} process(es)"
             )
-        peft_model = attach_lora(model, self.tcfg)
-        if self.tcfg.gradient_checkpointing:
-            peft_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            peft_model.enable_input_require_grads()
-        peft_model.train()
-        self.module = KaLMModule(peft_model, self.tcfg.learnable_tau, self.tcfg.tau)
-        self.views = ViewBuilder.from_config(kg, tokenizer, cfg)
-        triples = kg.train
-        if self.tcfg.train_subset:
-            pick = np.random.default_rng(cfg.seed).permutation(len(triples))[
-                : self.tcfg.train_subset
-            ]
-            triples = triples[np.sort(pick)]
-        self.examples = training_examples(triples, kg.num_relations)
-        self.lengths = self.views.view_lengths(self.examples)
-        self.collator = Collator(
-            self.views,
-            self.examples,
-            kg.known_answers(("train",)),
-            lm_examples=self.tcfg.lm_examples if self.tcfg.lam > 0 else 0,
-            max_prompt_tokens=self.tcfg.max_prompt_tokens,
-            # The prompts' shared prefix runs once through an attention cache, which gradient
-            # checkpointing does not support (transformers then turns the cache off).
-            share_prefix=not self.tcfg.gradient_checkpointing,
-            self_negatives=self.tcfg.self_negatives,
+        _, _, run = train_or_load(cfg, retrain=args.retrain, progress=main_process)
+    except (ConfigError, ModelUnavailableError, RunStoreError, DataError) as err:
+        return fail(str(err), 2)
+    except TrainingDiverged as err:
+        return fail(str(err), 1)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        return fail(
+            f"no space left on the device of {err.filename or runs or runs_dir()}; free space "
+            "there, or pass --runs-dir on another disk, and run the same command again (it "
+            "resumes from the last checkpoint)",
+            2,
         )
-        self.steps = total_steps(self.tcfg, len(self.examples))
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
-        # The schedule counts optimiser steps of the global batch. It is not handed to
-        # accelerate, whose wrapper would step it once per process at every optimiser step.
-        self.scheduler = get_cosine_schedule_with_warmup(
-            optimizer, self.tcfg.warmup_steps, self.steps
-        )
-        self.module, self.optimizer = self.accelerator.prepare(self.module, optimizer)
-        self.encoder = Encoder(self.peft_model, self.views)
-        self.step_count = 0
-        self.diagnostics: dict[str, float] = {}
-        # Sessions of this run before the current one (from the checkpoint), and where and when
-        # the current one started (set by fit).
-        self._earlier_sessions: list[dict[str, float]] = []
-        self._session_start = 0
-        self._session_clock = time.perf_counter()
-
-    @property
-    def peft_model(self) -> PeftModel:
-        """The LoRA-wrapped causal LM (unwrapped from any distributed wrapper)."""
-        return self.accelerator.unwrap_model(self.module).model
-
-    # ----------------------------------------------------------------------------- one step
-    def collate(self, indices: np.ndarray) -> KaLMBatch:
-        """The batch of the training examples at ``indices``."""
-        return self.collator.collate(indices)
-
-    def loss(self, batch: KaLMBatch) -> dict[str, torch.Tensor]:
-        """KaLM loss components of one batch (and the self-negative diagnostics, as floats in
-        ``self.diagnostics``).
-
-        Every matmul (both views, the self-negatives, the LM prompts and the LM head at response
-        positions) runs under one :func:`~kalm.models.mixed_precision` context, so a bf16 base
-        never meets an fp32 activation; the losses themselves are computed in fp32.
-        """
-        with mixed_precision(self.peft_model):
-            return self._loss(batch)
-
-    def _loss(self, batch: KaLMBatch) -> dict[str, torch.Tensor]:
-        device = self.accelerator.device
-        b = batch.to(device)
-        lm, heads = b.lm, b.self_negative
-        trained_heads = heads is not None and self.tcfg.self_negative_grad
-        hr_emb, t_emb, hidden, extra = self.module(
-            b.hr.input_ids,
-            b.hr.attention_mask,
-            b.tail.input_ids,
-            b.tail.attention_mask,
-            lm.input_ids if lm else None,
-            lm.attention_mask if lm else None,
-            b.lm_prefix,
-            heads.input_ids if trained_heads else None,
-            heads.attention_mask if trained_heads else None,
-        )
-        fn_mask = b.false_negative_mask
-        extra_mask = None
-        if heads is not None:
-            if not trained_heads:
-                with torch.no_grad():
-                    extra = self.encoder.embed(heads)
-            extra_mask = b.self_negative_mask
-        if self.tcfg.gather_negatives:
-            # Every process's rows, in rank order: the micro-batches of one step, each once.
-            hr_emb, t_emb = gather_with_grad(hr_emb), gather_with_grad(t_emb)
-            fn_mask = self._global_mask(batch.tails, batch.known, fn_mask)
-            if extra is not None and extra_mask is not None:
-                # A constant head view is gathered without gradient, a trained one with it.
-                extra = gather_with_grad(extra) if trained_heads else self._gather(extra)
-                extra_mask = self._gather(extra_mask)
-        tau = torch.exp(-self.accelerator.unwrap_model(self.module).log_inv_tau)
-        row_logits, col_logits = dual_view_logits(
-            hr_emb,
-            t_emb,
-            tau=tau,
-            margin=self.tcfg.margin,
-            false_negative_mask=fn_mask,
-            extra_negatives=extra,
-            extra_mask=extra_mask,
-        )
-        l_exp = info_nce(row_logits, col_logits)
-        self.diagnostics = (
-            {}
-            if extra is None
-            else self_negative_diagnostics(
-                row_logits, margin_logit=self.tcfg.margin / tau, extra_mask=extra_mask
-            )
-        )
-        l_imp = torch.zeros((), device=device)
-        if hidden is not None and lm is not None:
-            lm_head = self.peft_model.get_output_embeddings()
-            l_imp = lm_loss_from_hidden(
-                hidden, lm_head, lm.input_ids, lm.attention_mask, b.prompt_lengths
-            )
-        return {
-            "l_exp": l_exp,
-            "l_imp": l_imp,
-            "total": kalm_loss(l_exp, l_imp, self.tcfg.lam),
-            "tau": tau,
-        }
-
-    def step(self, batch: KaLMBatch | Sequence[KaLMBatch]) -> StepResult:
-        """One optimiser step on this process's micro-batches of a global batch (one batch, or
-        ``gradient_accumulation_steps`` of them): loss, backward, clipping, optimiser, schedule.
-
-        Each micro-batch's loss is divided by their number before its backward, so the
-        gradient is their mean; DDP averages it over the processes in the last backward (the
-        others skip that all-reduce). It is clipped to ``max_grad_norm`` when that is set. The
-        losses returned are means over micro-batches and processes, the same on every process.
-        """
-        micro = [batch] if isinstance(batch, KaLMBatch) else list(batch)
-        seconds = {"forward": 0.0, "backward": 0.0}
-        sums: dict[str, torch.Tensor] = {}
-        diagnosed: list[dict[str, float]] = []  # the self-negative diagnostics of each part
-        started = time.perf_counter()
-        for i, part in enumerate(micro):
-            last = i == len(micro) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
-                t0 = time.perf_counter()
-                parts = self.loss(part)
-                if self.diagnostics:
-                    diagnosed.append(self.diagnostics)
-                t1 = time.perf_counter()
-                self.accelerator.backward(parts["total"] / len(micro))
-            seconds["forward"] += t1 - t0
-            seconds["backward"] += time.perf_counter() - t1
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0) + value.detach() / len(micro)
-        t2 = time.perf_counter()
-        if self.tcfg.max_grad_norm > 0:
-            params = [p for p in self.module.parameters() if p.requires_grad]
-            self.accelerator.clip_grad_norm_(params, self.tcfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        self.step_count += 1
-        seconds |= {"optimizer": t3 - t2, "total": t3 - started}
-        losses = {name: self.accelerator.reduce(value, "mean") for name, value in sums.items()}
-        diagnostics = (
-            {name: float(np.nanmean([d[name] for d in diagnosed])) for name in diagnosed[0]}
-            if diagnosed
-            else {}
-        )
-        return StepResult(losses, seconds, diagnostics)
-
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` of every process, concatenated in rank order, without gradient (booleans are
-        sent as bytes, which every backend gathers)."""
-        flag = x.dtype == torch.bool
-        sent = x.to(self.accelerator.device, torch.uint8 if flag else x.dtype)
-        out = self.accelerator.gather(sent)
-        return out.bool() if flag else out
-
-    def _global_mask(
-        self, tails: torch.Tensor, known: torch.Tensor, local: torch.Tensor
-    ) -> torch.Tensor:
-        """False-negative mask of the gathered batch: rows of the whole world, columns likewise."""
-        all_tails, all_known = self._gather(tails).cpu(), self._gather(known).cpu()
-        return false_negative_mask(all_tails, all_known).to(local.device)
-
-    # ----------------------------------------------------------------------- checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed for an exact resume: adapter, tau, optimiser, scheduler, RNG, step."""
-        unwrapped = self.accelerator.unwrap_model(self.module)
-        return {
-            "step": self.step_count,
-            "adapter": get_peft_model_state_dict(unwrapped.model),
-            "log_inv_tau": unwrapped.log_inv_tau.detach().clone(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-
-    def save_checkpoint(self) -> None:
-        """Write the training state atomically (an interrupted write leaves the old one).
-
-        A state whose adapter is no longer finite is never written: the last good checkpoint
-        stays, and training stops with :class:`TrainingDiverged`.
-        """
-        state = self.state_dict()
-        # Checked by every process (they hold the same adapter), so all of them stop together.
-        bad = [name for name, t in state["adapter"].items() if not torch.isfinite(t).all()]
-        if bad:
-            raise TrainingDiverged(
-                f"{self.run.path}: training diverged at step {self.step_count}: "
-                f"{len(bad)} adapter tensors (first {bad[0]}) hold NaN or inf. {_DIVERGED}"
-            )
-        if not self.accelerator.is_main_process:
-            return
-        state["sessions"] = self.sessions()
-        atomic_torch_save(state, self.run.checkpoint_path)
-
-    def load_checkpoint(self) -> None:
-        """Restore a saved training state if the run directory has one.
-
-        An unreadable checkpoint raises RunStoreError naming it: the run is neither resumed
-        from a wrong state nor restarted silently.
-        """
-        path = self.run.checkpoint_path
-        if not path.is_file():
-            return
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
-            raise RunStoreError(
-                self.run.path, path, f"cannot be read ({type(err).__name__}: {err})", RETRAIN
-            ) from err
-        unwrapped = self.accelerator.unwrap_model(self.module)
-        _set_adapter(unwrapped.model, state["adapter"])
-        with torch.no_grad():
-            unwrapped.log_inv_tau.copy_(state["log_inv_tau"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"]:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step_count = int(state["step"])
-        self._earlier_sessions = list(state.get("sessions", []))
-
-    def sessions(self) -> list[dict[str, float]]:
-        """The training sessions behind the current state: the step each resumed from, the
-        steps it added and its seconds (up to now, or up to its last checkpoint)."""
-        current = {
-            "resumed_from": self._session_start,
-            "steps": self.step_count - self._session_start,
-            "seconds": time.perf_counter() - self._session_clock,
-        }
-        return [*self._earlier_sessions, current]
-
-    # ------------------------------------------------------------------------------ the loop
-    def fit(self, *, stop_after: int | None = None, progress: bool = True) -> PeftModel:
-        """Train to ``self.steps`` (or pause after ``stop_after`` steps, for resume tests).
-
-        A loss that is not finite stops training with :class:`TrainingDiverged`, before
-        anything of that step is logged or checkpointed.
-        """
-        self._session_clock = time.perf_counter()
-        self.run.path.mkdir(parents=True, exist_ok=True)
-        self.load_checkpoint()
-        self._session_start = self.step_count
-        main = self.accelerator.is_main_process
-        if main:  # steps logged after the checkpoint are recomputed identically; drop them
-            log = [r for r in self.run.train_log(repair=True) if r["step"] <= self.step_count]
-            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in log)
-            atomic_write_text(self.run.train_log_path, text)
-        end = self.steps if stop_after is None else min(self.steps, stop_after)
-        batches = iterate_batches(
-            self.lengths, self.tcfg.global_batch_size, self.cfg.seed, self.step_count
-        )
-        bar = tqdm(
-            total=self.steps,
-            initial=self.step_count,
-            desc="KaLM training",
-            disable=not (progress and main),
-        )
-        self.module.train()
-        while self.step_count < end:
-            _, indices = next(batches)
-            started = time.perf_counter()
-            local = micro_batches(
-                indices,
-                rank=self.accelerator.process_index,
-                processes=self.accelerator.num_processes,
-                accumulation=self.tcfg.gradient_accumulation_steps,
-            )
-            result = self.step([self.collate(part) for part in local])
-            parts = {k: v.item() for k, v in result.losses.items()}
-            rate = len(indices) / (time.perf_counter() - started)
-            record = {
-                "step": self.step_count,
-                "L_exp": parts["l_exp"],
-                "L_imp": parts["l_imp"],
-                "total": parts["total"],
-                "lr": self.scheduler.get_last_lr()[0],
-                "tau": parts["tau"],
-                "examples_per_s": rate,
-                **result.diagnostics,
-            }
-            if not all(math.isfinite(record[k]) for k in ("L_exp", "L_imp", "total")):
-                bar.close()
-                losses = ", ".join(f"{k}={record[k]}" for k in ("L_exp", "L_imp", "total"))
-                raise TrainingDiverged(
-                    f"{self.run.path}: training diverged at step {self.step_count}: the loss is "
-                    f"not finite ({losses}). {_DIVERGED}"
-                )
-            if main:
-                append_jsonl(self.run.train_log_path, record)
-            bar.set_postfix(
-                L_exp=f"{record['L_exp']:.3f}",
-                L_imp=f"{record['L_imp']:.3f}",
-                ex_s=f"{rate:.1f}",
-            )
-            bar.update(1)
-            if self.step_count % self.tcfg.checkpoint_every == 0 or self.step_count == end:
-                self.save_checkpoint()
-        bar.close()
-        self.peft_model.eval()
-        return self.peft_model
+    if main_process:
+        store = run.path.parent
+        shown = None if store == REPO_ROOT / "runs" else store
+        print(f"run {run.path}: {run.done()['steps']} steps, adapter in {run.adapter_dir}")
+        print(f"a notebook loads it with: {notebook_command(cfg, overrides, shown)}")
+    return 0
 
 
-if __name__ == "__main__":  # `python -m kalm.train`: the command line lives above the trainer
-    from kalm.launch import main
-
+if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,13 +1,20 @@
 """Tiny builders shared by the tests: a random Llama, a toy knowledge graph, the real tokenizer,
-and a Llama-style tokenizer and model directory built on the spot.
+a Llama-style tokenizer and model directory built on the spot, and a read-only file system.
 
 They keep the tests fast (no real weights) while exercising the same code paths as real runs.
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
 import functools
+import io
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,3 +120,47 @@ def toy_kg(
         valid=arr(valid),
         test=arr(test),
     )
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+@contextlib.contextmanager
+def read_only(root: Path, patch: Any) -> Iterator[None]:
+    """Every write under ``root`` fails with EROFS, as on a read-only mount, for the ``with``
+    block (``patch`` is a pytest MonkeyPatch). Permissions would not do: the tests may run as
+    root, whom they do not stop. Reads are untouched; making an existing directory raises
+    FileExistsError, as the kernel's check for existence comes first."""
+    root = Path(root).resolve()
+
+    def guard(call: Callable[..., Any], writes: Callable[..., bool]) -> Callable[..., Any]:
+        def guarded(path: Any, *args: Any, **kwargs: Any) -> Any:
+            inside = isinstance(path, (str, os.PathLike)) and Path(path).resolve().is_relative_to(
+                root
+            )
+            if inside and writes(path, *args, **kwargs):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return call(path, *args, **kwargs)
+
+        return guarded
+
+    def opens_for_writing(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> bool:
+        return any(c in mode for c in "wax+")
+
+    def os_opens_for_writing(path: Any, flags: int, *args: Any, **kwargs: Any) -> bool:
+        return bool(flags & _WRITE_FLAGS)
+
+    def makes(path: Any, *args: Any, **kwargs: Any) -> bool:
+        return not os.path.lexists(path)
+
+    def changes(path: Any, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    with patch.context() as m:
+        for module in (builtins, io):
+            m.setattr(module, "open", guard(module.open, opens_for_writing))
+        m.setattr(os, "open", guard(os.open, os_opens_for_writing))
+        m.setattr(os, "mkdir", guard(os.mkdir, makes))
+        for name in ("rmdir", "unlink", "remove", "rename", "replace", "truncate"):
+            m.setattr(os, name, guard(getattr(os, name), changes))
+        yield

@@ -322,3 +322,13 @@ def test_every_source_is_pinned_to_a_commit() -> None:
             assert f.url.startswith("https://raw.githubusercontent.com/"), f.url
             owner, repo, ref = f.url.split("/")[3:6]
             assert re.fullmatch(r"[0-9a-f]{40}", ref), f"{f.name}: {owner}/{repo} at {ref!r}"
+
+
+def test_the_registry_docstring_names_every_table_a_new_dataset_needs() -> None:
+    """Adding a knowledge graph takes an entry of `DATASETS` and its names in `_ALIASES` (else
+    `get_dataset` does not find it); the docstring says both, and the two tables agree."""
+    from kalm.data import registry
+
+    assert "`DATASETS`" in registry.__doc__ and "`_ALIASES`" in registry.__doc__
+    assert set(registry._ALIASES.values()) <= set(registry.DATASETS)
+    assert all(registry.get_dataset(name).name == name for name in registry.DATASETS)

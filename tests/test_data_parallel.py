@@ -25,7 +25,7 @@ from kalm.batching import iterate_batches, micro_batches
 from kalm.config import resolve
 from kalm.models import load_model
 from kalm.runs import Run
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # two training processes per test
 
@@ -90,7 +90,7 @@ def _worker(rank: int, port: int, model_dir: Path, runs: Path, out) -> None:
     out[rank] = {
         "l_exp": l_exp,
         "seen": seen,
-        "finished_on_return": run.adapter_dir.is_dir() and run.completion() is not None,
+        "finished_on_return": run.adapter_dir.is_dir() and run.finished_record() is not None,
         "adapter": {n: p.detach().clone() for n, p in tuned.named_parameters() if "lora_" in n},
         "run": run.path,
     }

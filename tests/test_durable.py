@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -211,6 +212,38 @@ def test_manifest_lists_every_file_but_lock_partials_and_ignored(finished: Path)
     assert record["files"]["train_log.jsonl"]["size"] == len('{"step": 1}\n')
     (finished / "metrics.json").write_text("{}")  # files added later are not checked
     verify_manifest(finished, "done.json")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda record: record | {"steps": 999},  # a field beside the files
+        lambda record: record | {"note": "added"},
+        lambda record: {k: v for k, v in record.items() if k != "seal"},
+        lambda record: record | {"seal": "0" * 64},
+    ],
+    ids=["changed field", "added field", "seal removed", "seal replaced"],
+)
+def test_an_edited_manifest_fails_its_seal(finished: Path, edit) -> None:
+    """The whole record is sealed, not only its file list: an edited step count is not served."""
+    path = finished / "done.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(RunStoreError, match=r"file done\.json does not match its `seal`"):
+        verify_manifest(finished, "done.json")
+
+
+def test_a_manifest_listing_no_files_is_refused(tmp_path: Path, finished: Path) -> None:
+    """An empty list would vouch for any file put there later (another run's adapter)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=rf"{re.escape(str(empty))} holds no files"):
+        write_manifest(empty, "done.json", {"steps": 4})
+    record = {"steps": 4, "files": {}}
+    blob = json.dumps(record, sort_keys=True).encode()
+    record["seal"] = hashlib.sha256(blob).hexdigest()  # sealed as the store seals
+    (finished / "done.json").write_text(json.dumps(record))
+    with pytest.raises(RunStoreError, match=r"file done\.json lists no files"):
+        verify_manifest(finished, "done.json")
 
 
 def _truncate(p: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from kalm import execute, studies
+from kalm import execute, hardware, studies
 from kalm.config import REPO_ROOT, ConfigError, resolve
 from kalm.experiment import NOTEBOOK_PARAMETERS, notebook_config
 from kalm.results import publish
@@ -129,7 +129,7 @@ def test_a_page_announces_the_training_it_will_do(
     assert execute.training_plan(cfg, retrain=True) == plan  # retraining starts at step 0
     run.checkpoint_path.write_bytes(b"torn")
     assert execute.training_plan(cfg) == plan
-    monkeypatch.setattr(Run, "completion", lambda self: {"steps": cfg.train.max_steps})
+    monkeypatch.setattr(Run, "finished_record", lambda self: {"steps": cfg.train.max_steps})
     assert execute.training_plan(cfg) is None
     assert execute.training_plan(cfg, retrain=True) == plan
 
@@ -175,7 +175,7 @@ def test_executed_pages_record_their_precision_and_hardware(
         (tmp_path / f"{page}.ipynb").write_text(
             json.dumps({"cells": [], "metadata": {"papermill": papermill}}), encoding="utf-8"
         )
-    monkeypatch.setattr(execute, "hardware", lambda: "2 CPU cores, no native bf16")
+    monkeypatch.setattr(hardware, "describe", lambda: "2 CPU cores, no native bf16")
     execute.record_provenance(tmp_path / "kgc.ipynb", resolve(profile="smoke"))
     kgc = json.loads((tmp_path / "kgc.ipynb").read_text(encoding="utf-8"))
     assert kgc["metadata"]["kalm"] == {
@@ -189,11 +189,6 @@ def test_executed_pages_record_their_precision_and_hardware(
     )
     assert "| lm | make book | smoke | not recorded | not recorded | 1.5 | 2026-12-02 |" in rows
     assert "| **all pages of `make book`** | | | | | **3.0** | |" in rows
-
-
-def test_hardware_names_the_cores_and_their_bf16() -> None:
-    described = execute.hardware()
-    assert described.endswith(("native bf16", "no native bf16")) or " x " in described
 
 
 def _notebook(*cells: tuple[str, str, list[str]]) -> dict[str, Any]:
@@ -278,9 +273,14 @@ def test_execute_passes_the_results_directory_as_a_parameter(
     monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
     monkeypatch.setattr(execute, "REPO_ROOT", tmp_path)  # no page of the book is written
     monkeypatch.setattr(execute, "NOTEBOOKS", tmp_path / "notebooks")
-    monkeypatch.setattr(execute, "EXECUTED", tmp_path / "executed")
+    page = execute.execute
+
+    def into_tmp(experiment: execute.Experiment, **kwargs: Any) -> Path:
+        return page(experiment, **{**kwargs, "executed": tmp_path / "executed"})
+
+    monkeypatch.setattr(execute, "execute", into_tmp)  # main() writes no page of the book
     monkeypatch.setattr(execute, "REGENERATION", tmp_path / "regeneration.md")
-    monkeypatch.setattr(execute, "hardware", lambda: "test")
+    monkeypatch.setattr(hardware, "describe", lambda: "test")
     monkeypatch.delenv("KALM_RESULTS_DIR", raising=False)
     monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path / "runs"))
     (tmp_path / "executed").mkdir()
@@ -290,7 +290,7 @@ def test_execute_passes_the_results_directory_as_a_parameter(
     assert execute.main(["lm", "--profile", "smoke"]) == 0
     assert "results_dir" not in injected[-1] and "runs_dir" not in injected[-1]
     lm = next(e for e in execute.BOOK_EXPERIMENTS if e.page == "lm")
-    execute.execute(lm, profile="smoke", results_dir=tmp_path / "r", runs_dir=tmp_path / "runs")
+    into_tmp(lm, profile="smoke", results_dir=tmp_path / "r", runs_dir=tmp_path / "runs")
     assert (injected[-1]["results_dir"], injected[-1]["runs_dir"]) == (
         str(tmp_path / "r"),
         str(tmp_path / "runs"),

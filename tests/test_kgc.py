@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalm.evaluate.kgc import Ranks, metrics, per_relation, rank, rank_queries, summarise
+from kalm.evaluate.kgc import Ranks, metrics, metrics_by_direction, per_relation, rank, rank_queries
 
 
 def as_lists(r: Ranks) -> tuple[list[float], list[float], list[float]]:
@@ -100,22 +100,22 @@ def make_ranks(values: list[float], spread: float = 0.0) -> Ranks:
     return Ranks(realistic - spread, realistic + spread, realistic)
 
 
-def test_summarise_directions_and_both() -> None:
+def test_metrics_by_direction_and_both() -> None:
     tail, head = make_ranks([1.0, 2.0], spread=0.0), make_ranks([4.0, 1.0], spread=0.0)
-    out = summarise(tail, head)
+    out = metrics_by_direction(tail, head)
     assert out["tail"]["MRR"] == pytest.approx(0.75)
     assert out["head"]["MRR"] == pytest.approx(0.625)
     assert out["both"]["MRR"] == pytest.approx((0.75 + 0.625) / 2)
     assert out["both"]["MR"] == pytest.approx(2.0)
     assert out["both"]["count"] == 4
     # unequal counts: "both" pools all queries
-    out = summarise(make_ranks([1.0]), make_ranks([2.0, 4.0]))
+    out = metrics_by_direction(make_ranks([1.0]), make_ranks([2.0, 4.0]))
     assert out["both"]["MRR"] == pytest.approx((1 + 0.5 + 0.25) / 3)
 
 
-def test_summarise_reports_optimistic_and_pessimistic_mrr() -> None:
+def test_metrics_by_direction_report_optimistic_and_pessimistic_mrr() -> None:
     ranks = Ranks(torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0]))
-    out = summarise(ranks, ranks)["tail"]
+    out = metrics_by_direction(ranks, ranks)["tail"]
     assert out["MRR"] == pytest.approx(0.5)
     assert out["MRR_optimistic"] == pytest.approx(1.0)
     assert out["MRR_pessimistic"] == pytest.approx(1 / 3)

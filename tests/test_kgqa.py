@@ -9,6 +9,8 @@ from helpers import smollm2_tokenizer, tiny_llama, toy_kg
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
+from kalm.config import resolve
+from kalm.data import sample_triples
 from kalm.evaluate import kgqa
 from kalm.prompts import INSTRUCTION
 from kalm.views import ViewBuilder
@@ -105,6 +107,39 @@ def test_case_study_triples_are_found(kg) -> None:
         )
     with pytest.raises(KeyError, match="not in wn18rr"):
         kgqa.find_triple(kg, "refrigerator", "has part", "salvinia")
+
+
+def test_case_study_triples_are_figure_5_for_wn18rr(kg) -> None:
+    expected = [kgqa.find_triple(kg, *names) for names in kgqa.CASE_STUDIES]
+    assert kgqa.case_study_triples(kg, n=10, seed=0) == expected
+
+
+def test_case_study_triples_by_rule_for_other_datasets() -> None:
+    """Elsewhere (FB15k-237 had no case studies and raised KeyError): the first sampled test
+    triples with distinct relations, as many as Figure 5 has, the same for every call."""
+    kg = toy_kg(test=[(0, 0, 1), (2, 0, 3), (4, 1, 5), (6, 1, 7)])
+    triples = kgqa.case_study_triples(kg, n=0, seed=0)
+    assert triples == [(0, 0, 1), (4, 1, 5)]
+    assert len(triples) == len(kgqa.CASE_STUDIES)
+    sample = {tuple(row) for row in sample_triples(kg.test, 3, 5).tolist()}
+    chosen = kgqa.case_study_triples(kg, n=3, seed=5)
+    assert set(chosen) <= sample and chosen == kgqa.case_study_triples(kg, n=3, seed=5)
+    one_relation = toy_kg(test=[(0, 0, 1), (2, 0, 3)])
+    with pytest.raises(ValueError, match="fewer than 2 relations"):
+        kgqa.case_study_triples(one_relation, n=0, seed=0)
+
+
+def test_case_studies_run_on_any_dataset(tokenizer) -> None:
+    kg = toy_kg(
+        train=[(0, 0, 1), (1, 0, 2), (2, 1, 3), (3, 1, 4)],
+        test=[(0, 0, 1), (4, 1, 5)],
+    )
+    cfg = resolve("smollm2", "wn18rr", profile="smoke", kgqa_shots=1, kgqa_max_new_tokens=2)
+    df = kgqa.case_studies(tiny_model(len(tokenizer)), tokenizer, kg, cfg)
+    assert len(df) == 4 * len(kgqa.CASE_STUDIES)  # the notebook's check
+    assert list(df["task"]) == list(kgqa.TASKS) * 2
+    assert df["triple"].iloc[0] == "(dog, eats, cat)"
+    assert df["triple"].iloc[4] == "(horse, resembles, zebra)"
 
 
 def test_paper_results_table() -> None:

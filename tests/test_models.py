@@ -22,11 +22,12 @@ from helpers import smollm2_tokenizer, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm import models
-from kalm.config import REPO_ROOT, ModelSpec
+from kalm.config import REPO_ROOT, ConfigError, ModelSpec
 from kalm.encoder import encode_ids
 from kalm.encoder import encode_texts as encode
 from kalm.models import (
@@ -274,6 +275,9 @@ def test_8_bit_needs_a_gpu_and_bitsandbytes_and_says_which_is_missing(
         load_model(tiny_dir, device="cpu", load_in_8bit=True)
     assert "a CUDA GPU" in str(err.value) and "bitsandbytes" in str(err.value)
     assert "pip install -e '.[gpu]'" in str(err.value)
+    # The command line's syntax and the notebooks', whichever set the field.
+    assert "`--profile cpu` or `--set load_in_8bit=false`" in str(err.value)
+    assert "`-p profile cpu` or `-y 'overrides: {load_in_8bit: false}'`" in str(err.value)
     with pytest.raises(ModelUnavailableError) as err:
         load_model(tiny_dir, device="cuda:0", load_in_8bit=True)
     assert "bitsandbytes" in str(err.value) and "CUDA" not in str(err.value)
@@ -281,6 +285,52 @@ def test_8_bit_needs_a_gpu_and_bitsandbytes_and_says_which_is_missing(
     with pytest.raises(ModelUnavailableError) as err:
         load_model(tiny_dir, device="cpu", load_in_8bit=True)
     assert "a CUDA GPU" in str(err.value) and "bitsandbytes" not in str(err.value)
+
+
+def _copy(tiny_dir: Path, target: Path, *, skip: tuple[str, ...] = ()) -> Path:
+    """``tiny_dir`` copied to ``target`` without the files named in ``skip``."""
+    return Path(shutil.copytree(tiny_dir, target, ignore=lambda d, names: list(skip)))
+
+
+def test_a_directory_without_tokenizer_files_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+    bare = _copy(tiny_dir, tmp_path / "bare", skip=("tokenizer.json", "tokenizer_config.json"))
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model(bare, device="cpu")
+    assert f"{bare} holds no tokenizer: none of tokenizer.json" in str(err.value)
+
+
+def test_weights_without_a_layer_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    """transformers would initialise the missing layer at random and only log it."""
+    partial = _copy(tiny_dir, tmp_path / "partial")
+    weights = load_file(partial / "model.safetensors")
+    kept = {name: t for name, t in weights.items() if ".layers.1." not in name}
+    save_file(kept, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model(partial, device="cpu")
+    message = str(err.value)
+    assert f"{partial}: the weights lack {len(weights) - len(kept)} tensors" in message
+    assert "model.layers.1.input_layernorm.weight" in message
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff" * 64, b"\x10\x00\x00\x00\x00\x00\x00\x00{{{{{{{{"],
+    ids=["huge header size", "header not JSON"],
+)
+def test_a_garbage_safetensors_header_is_named(
+    tiny_dir: Path, tmp_path: Path, garbage: bytes
+) -> None:
+    """A header size of exabytes (or a header that is not JSON), as a local directory and as a
+    configured directory: both errors name the file instead of running out of memory."""
+    damaged = _copy(tiny_dir, tmp_path / "damaged")
+    (damaged / "model.safetensors").write_bytes(garbage)
+    with pytest.raises(ConfigError) as err:
+        load_model(damaged, device="cpu")
+    assert "model.safetensors holds no valid safetensors header" in str(err.value)
+    spec = ModelSpec(alias="tiny", source="hub", default_profile="cpu", hub_id=str(damaged))
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model(spec, device="cpu")
+    assert f"{damaged / 'model.safetensors'} is damaged" in str(err.value)
 
 
 def test_missing_weights_are_reported_before_8_bit(offline: None) -> None:
@@ -345,8 +395,9 @@ def test_bf16_on_a_cpu_without_it_warns(monkeypatch: pytest.MonkeyPatch) -> None
     """Emulated bf16 is a trap (orders of magnitude slower than fp32): the loader says so and
     names the fix; with native bf16, or in fp32, or on a GPU, it says nothing."""
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
-    with pytest.warns(UserWarning, match=r"without AMX or AVX512-BF16.*precision: auto"):
+    with pytest.warns(UserWarning, match=r"without AMX or AVX512-BF16.*precision: auto") as w:
         models.warn_if_emulated("bf16", torch.device("cpu"))
+    assert "`--set precision=fp32`" in str(w[0].message)  # the command line's syntax too
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         models.warn_if_emulated("fp32", torch.device("cpu"))

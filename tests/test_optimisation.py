@@ -17,7 +17,7 @@ from helpers import toy_kg
 from kalm.config import resolve
 from kalm.models import load_model
 from kalm.runs import Run
-from kalm.train import Trainer
+from kalm.trainer import Trainer
 
 GRAPH = [(i, 0, (i + 1) % 8) for i in range(8)] + [(i, 1, (i + 3) % 8) for i in range(8)]
 

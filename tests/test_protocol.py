@@ -271,6 +271,20 @@ def test_an_interrupted_entity_index_resumes_at_its_first_missing_chunk(
     assert seconds > 0
 
 
+def test_an_entity_index_of_another_batch_size_is_its_own(
+    tmp_path: Path, tiny: torch.nn.Module
+) -> None:
+    """The batch size shapes the padding, and so the rounding, of the embeddings: an index
+    encoded in batches of one size is not served to an encoder of another."""
+    tokenizer = smollm2_tokenizer()
+    kg = toy_kg(TRAIN, VALID, TEST)
+    run, candidates = Run(tmp_path), np.arange(kg.num_entities)
+    for size in (2, 4):
+        cfg = resolve(profile="smoke", entity_batch_size=size)
+        entity_index(encoder(tiny, tokenizer, kg, cfg), run, candidates, progress=False)
+    assert len(list((run.path / "cache").glob("entities-toy-*.pt"))) == 2
+
+
 def test_restricted_candidates_bound_the_ranks(tmp_path: Path, tiny: torch.nn.Module) -> None:
     tokenizer = smollm2_tokenizer()
     kg = toy_kg(TRAIN, VALID, TEST[:1])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_only
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,8 +26,13 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_runs_dir_default_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store lives in the user cache, outside the working tree, unless KALM_RUNS_DIR says."""
     monkeypatch.delenv("KALM_RUNS_DIR", raising=False)
-    assert runs_dir() == REPO_ROOT / "runs"
+    monkeypatch.delenv("KALM_CACHE_DIR", raising=False)
+    assert runs_dir() == Path.home() / ".cache" / "kalm" / "runs"
+    assert not runs_dir().is_relative_to(REPO_ROOT)
+    monkeypatch.setenv("KALM_CACHE_DIR", str(tmp_path / "cache"))
+    assert runs_dir() == tmp_path / "cache" / "runs"
     monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path))
     assert runs_dir() == tmp_path
     cfg = resolve(profile="smoke")
@@ -47,21 +54,21 @@ def test_trained_run_path_follows_the_train_key(store: Path) -> None:
 
 def test_a_run_is_finished_only_when_its_record_verifies(tmp_path: Path) -> None:
     run = Run(tmp_path)
-    assert run.completion() is None
+    assert run.finished_record() is None
     (run.adapter_dir).mkdir()
     (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"weights")
     torch.save({"step": 3}, run.checkpoint_path)
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "later.pt").write_bytes(b"derived")
     run.save_done({"steps": 3})
-    record = run.completion()
+    record = run.finished_record()
     assert record["steps"] == 3
     # The checkpoint is gone; caches and metrics derive from the run and are not listed.
     assert sorted(record["files"]) == ["adapter/adapter_model.safetensors"]
     assert not run.checkpoint_path.exists()
     (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"weightz")
     with pytest.raises(RunStoreError, match=r"adapter_model\.safetensors differs") as err:
-        run.completion()
+        run.finished_record()
     assert "retrain=True" in str(err.value) and "--retrain" in str(err.value)
 
 
@@ -136,8 +143,14 @@ def test_run_owns_its_file_names(tmp_path: Path) -> None:
     assert run.done_path == tmp_path / "done.json"
     with pytest.raises(FileNotFoundError, match="has not finished"):
         run.done()
+    assert run.finished_record() is None
+    run.adapter_dir.mkdir()
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"weights")
     run.save_done({"steps": 3})
-    assert run.done() == {"steps": 3, "files": {}}
+    assert run.done() == run.finished_record()
+    assert run.done()["steps"] == 3 and list(run.done()["files"]) == [
+        "adapter/adapter_model.safetensors"
+    ]
     cfg = resolve("smollm2", "wn18rr", profile="smoke")
     run.save_config(cfg)
     assert json.loads((tmp_path / "config.json").read_text()) == cfg.as_dict()
@@ -145,8 +158,42 @@ def test_run_owns_its_file_names(tmp_path: Path) -> None:
 
 def test_metric_names_follow_one_scheme() -> None:
     cfg = resolve("smollm2", "fb15k237", profile="smoke")
-    assert Run.metric_name("kgc", cfg, "test") == "kgc-fb15k237-smoke-test"
-    assert Run.metric_name("similarity", cfg) == "similarity-fb15k237-smoke"
+    digest = "[0-9a-f]{12}"
+    assert re.fullmatch(f"kgc-fb15k237-smoke-test-{digest}", Run.metric_name("kgc", cfg, "test"))
+    assert re.fullmatch(f"similarity-fb15k237-smoke-{digest}", Run.metric_name("similarity", cfg))
+    assert Run.metric_name("kgc", cfg, "test") == Run.metric_name("kgc", resolve(**SMOKE), "test")
+
+
+SMOKE = {"model": "smollm2", "dataset": "fb15k237", "profile": "smoke"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"test_queries": 5},
+        {"candidates": 100},
+        {"precision": "bf16"},
+        {"max_entity_tokens": 16},
+        {"seed": 1},
+        {"dataset": "wn18rr"},
+        {"model": "llama2"},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_a_metric_name_covers_what_the_metric_depends_on(change: dict) -> None:
+    """Metrics are loaded back by name: another size, precision, seed, dataset or model is
+    another name, never the first configuration's numbers."""
+    name = Run.metric_name("kgc", resolve(**SMOKE), "test")
+    assert Run.metric_name("kgc", resolve(**(SMOKE | change)), "test") != name
+
+
+def test_a_metric_name_covers_only_the_sizes_it_reads() -> None:
+    cfg = resolve(**SMOKE)
+    reads = ("lm_tokens",)
+    name = Run.metric_name("lm", cfg, reads=reads)
+    assert Run.metric_name("lm", resolve(**SMOKE, test_queries=5), reads=reads) == name
+    assert Run.metric_name("lm", resolve(**SMOKE, lm_tokens=256), reads=reads) != name
+    assert Run.metric_name("lm", resolve(**SMOKE, precision="bf16"), reads=reads) != name
 
 
 def test_cached_timed_keeps_the_first_measurement(tmp_path: Path) -> None:
@@ -186,6 +233,18 @@ def test_a_damaged_cache_entry_is_recomputed_with_a_warning(
     torch.testing.assert_close(value, torch.zeros(2, 3))
     assert run.cached("entities-x", lambda: torch.ones(1)).shape == (2, 3)  # stored again
     assert not list((tmp_path / "cache").glob("*.part"))
+
+
+def test_a_cache_entry_is_read_from_a_read_only_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = Run(tmp_path / "run")
+    run.cached("entities-x", lambda: torch.ones(2))
+    with read_only(tmp_path, monkeypatch):
+        value = run.cached("entities-x", lambda: torch.zeros(2))
+        with pytest.raises(OSError, match="Read-only file system"):  # a new entry needs writing
+            run.cached("entities-y", lambda: torch.zeros(2))
+    torch.testing.assert_close(value, torch.ones(2))
 
 
 def test_a_cache_of_another_adapter_is_recomputed(tmp_path: Path) -> None:

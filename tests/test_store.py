@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import smollm2_tokenizer, tiny_llama, toy_kg
+from helpers import read_only, smollm2_tokenizer, tiny_llama, toy_kg
 
 from kalm import experiment
 from kalm.config import RunConfig, resolve
 from kalm.durable import RunStoreError, StoreWarning
 from kalm.runs import Run
-from kalm.train import Trainer, TrainingDiverged
+from kalm.trainer import Trainer, TrainingDiverged
 from kalm.views import ViewBuilder
 
 CFG_OVERRIDES = {"checkpoint_every": 2}
@@ -137,6 +137,23 @@ def test_a_damaged_finished_run_is_an_error_never_a_silent_retrain(run: Run, dam
         assert way in message
     after = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == {p: b for p, b in before.items() if p.name != ".lock"}  # nothing trained
+
+
+def test_a_finished_run_loads_from_a_read_only_store(
+    store: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading needs no write access: no lock is taken for a finished run."""
+    with read_only(store, monkeypatch):
+        _, _, loaded = experiment.train_or_load(resolve(**CFG), progress=False)
+        assert loaded == run and loaded.done()["steps"] == 4
+
+
+def test_an_edited_completion_record_is_named(run: Run) -> None:
+    """A hand edit outside the file list (the step count) breaks the record's seal."""
+    record = json.loads(run.done_path.read_text())
+    run.done_path.write_text(json.dumps(record | {"steps": 999}))
+    with pytest.raises(RunStoreError, match=r"file done\.json does not match its `seal`"):
+        experiment.train_or_load(resolve(**CFG), progress=False)
 
 
 def test_retrain_replaces_a_damaged_run(run: Run) -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import smollm2_tokenizer, tiny_llama, toy_kg
 
-from kalm import studies
-from kalm.config import ConfigError, resolve
+from kalm import experiment, studies
+from kalm.config import ConfigError, RunConfig, resolve
 from kalm.results import BOOK_RESULTS, publish
-from kalm.studies import Arm, arm_config, choose, lambda_arms, lambda_choice, tuning_choice
+from kalm.studies import arm_config, choose, lambda_arms, lambda_choice, tuning_choice
 
 
 def test_arm_config_applies_changes_and_the_study_budget() -> None:
@@ -29,6 +30,20 @@ def test_arm_config_applies_changes_and_the_study_budget() -> None:
     )
     same = arm_config(cfg, {"batch_size": 64})
     assert same.train.max_steps * 64 == arm.train.max_steps * 32  # equal examples seen
+
+
+def test_an_arm_never_sees_more_examples_than_the_budget() -> None:
+    """A batch larger than the budget is cut to it: one step of ``study_examples`` examples,
+    not one step of the arm's batch (the smoke profile's small arms)."""
+    cfg = resolve(profile="smoke", study_examples=16)
+    arm = arm_config(cfg, studies.STUDY_BASE)  # batch 64
+    assert (arm.train.batch_size, arm.train.max_steps) == (16, 1)
+    accumulated = arm_config(cfg, {"batch_size": 64, "gradient_accumulation_steps": 4})
+    assert accumulated.train.global_batch_size == 16 and accumulated.train.batch_size == 4
+    assert arm_config(cfg, {"batch_size": 4}).train.batch_size == 4  # smaller batches stay
+    accumulating = {"gradient_accumulation_steps": 2}
+    tiny = arm_config(resolve(profile="smoke", study_examples=2), accumulating)
+    assert tiny.train.batch_size == 2  # in-batch negatives need two examples
 
 
 def test_arm_config_checks_the_changes() -> None:
@@ -75,9 +90,16 @@ def test_lambda_rule_prefers_arms_within_the_perplexity_limit() -> None:
 
 
 def test_choose_ignores_a_missing_tie_break() -> None:
-    rows = table({"a": {"MRR": 0.3, "ppl": math.nan}, "b": {"MRR": 0.3, "ppl": math.nan}})
-    assert choose(rows, tie_break="ppl", tolerance=0.01) == "a"
-    assert Arm("x").changes == {}
+    """A tied arm without a tie-break value (NaN, infinite) is never the one the tie-break
+    picks; when no tied arm has one, the best MRR among them wins."""
+    none = {"a": {"MRR": 0.300, "ppl": math.nan}, "b": {"MRR": 0.305, "ppl": math.nan}}
+    assert choose(table(none), tie_break="ppl", tolerance=0.01) == "b"
+    some = {
+        "a": {"MRR": 0.305, "ppl": math.nan},
+        "b": {"MRR": 0.300, "ppl": 1.2},
+        "c": {"MRR": 0.302, "ppl": math.inf},
+    }
+    assert choose(table(some), tie_break="ppl", tolerance=0.01) == "b"
 
 
 def test_tuned_settings_apply_the_rule_to_the_tuning_record(
@@ -123,3 +145,67 @@ def test_arm_record_keys_every_arm_and_column() -> None:
     rows = {"λ = 0": {"MRR": 0.25, "Hits@1": 0.125}, "λ = 1": {"MRR": 0.5, "Hits@1": 0.25}}
     assert studies.arm_record(table(rows), ["MRR"]) == {"λ = 0: MRR": 0.25, "λ = 1: MRR": 0.5}
     assert len(studies.arm_record(table(rows), ["MRR", "Hits@1"])) == 4
+
+
+def test_arm_config_keeps_a_local_model(llama_dir: Path) -> None:
+    """A study of a model directory (no alias of the configuration) runs on that directory."""
+    cfg = resolve(model=llama_dir, profile="smoke")
+    arm = arm_config(cfg, {"lr": 1e-3})
+    assert arm.model == cfg.model and arm.train.lr == 1e-3
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path / "store"))
+    return tmp_path / "store"
+
+
+def test_base_language_is_measured_again_when_its_settings_change(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The untuned model's cached numbers are reused only for the settings they were measured
+    with: evaluation sizes and precision; an arm's own sizes do not matter to them."""
+    measured = []
+
+    def perplexity(model: object, tokenizer: object, cfg: RunConfig) -> dict[str, float]:
+        measured.append(cfg)
+        return {"ppl": float(cfg.eval.lm_tokens), "bf16": float(cfg.train.precision == "bf16")}
+
+    def kgqa_tail(model: object, tokenizer: object, cfg: RunConfig) -> dict[str, float]:
+        return {"kgqa_questions": cfg.eval.kgqa_questions}
+
+    monkeypatch.setattr(studies, "load_base", lambda cfg: (object(), None, None))
+    monkeypatch.setattr(studies, "_perplexity", perplexity)
+    monkeypatch.setattr(studies, "_kgqa_tail", kgqa_tail)
+    smoke = resolve(profile="smoke")
+    first = studies.base_language(smoke)
+    assert first == {"ppl": smoke.eval.lm_tokens, "bf16": 0.0, "kgqa_questions": 4}
+    smaller = studies.base_language(resolve(profile="smoke", lm_tokens=256, kgqa_questions=2))
+    assert smaller == {"ppl": 256.0, "bf16": 0.0, "kgqa_questions": 2}
+    assert studies.base_language(resolve(profile="smoke", precision="bf16"))["bf16"] == 1.0
+    assert len(measured) == 3
+    assert studies.base_language(arm_config(smoke, studies.STUDY_BASE)) == first  # reused
+    assert len(measured) == 3
+
+
+# Every animal eats the next one and resembles the one after; validation asks the same.
+TRIPLES = [(i, 0, (i + 1) % 8) for i in range(8)] + [(i, 1, (i + 2) % 8) for i in range(0, 8, 2)]
+
+
+def test_an_arm_counts_the_examples_of_its_global_batch(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Examples seen are steps x the global batch (accumulated micro-batches of every
+    process): arms of different batch shapes report the same study budget."""
+    tokenizer = smollm2_tokenizer()
+    kg = toy_kg(TRIPLES, valid=TRIPLES[:4])
+    monkeypatch.setattr(
+        experiment, "_load", lambda cfg, precision=None: (tiny_llama(len(tokenizer)), tokenizer)
+    )
+    monkeypatch.setattr(experiment, "load_kg", lambda name: kg)
+    monkeypatch.setattr(studies, "load_kg", lambda name: kg)
+    cfg = resolve(profile="smoke", gradient_accumulation_steps=2, study_examples=16)
+    arm = arm_config(cfg, {"batch_size": 4})
+    metrics = studies.evaluate_arm(arm, progress=False)
+    assert metrics["steps"] == 2
+    assert metrics["examples"] == metrics["steps"] * 8 == cfg.eval.study_examples

@@ -17,7 +17,7 @@ from kalm.config import resolve
 from kalm.losses import explicit_loss
 from kalm.models import PRECISIONS, load_model
 from kalm.runs import Run
-from kalm.train import Trainer, gather_with_grad, total_steps
+from kalm.trainer import Trainer, gather_with_grad, total_steps
 
 
 def smoke_cfg(**overrides):
@@ -277,3 +277,11 @@ def test_training_log_records_self_negative_diagnostics(tokenizer, kg, tmp_path)
     log = Run(tmp_path).train_log()
     assert len(log) == 2
     assert all(0 <= r["head_wins"] <= 1 and 0 < r["self_negative_mass"] < 1 for r in log)
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used(tokenizer, kg, tmp_path):
+    """Linear warmup over 2 steps: step 1 runs at lr 0, step 2 at half the rate."""
+    cfg = smoke_cfg(warmup_steps=2, max_steps=3, lr=1e-3)
+    Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path)).fit(progress=False)
+    rates = [r["lr"] for r in Run(tmp_path).train_log()]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3])

@@ -49,6 +49,36 @@ def test_entity_text_is_truncated_to_max_entity_tokens(views: ViewBuilder) -> No
     assert long_enough.entity_texts[0] == "dog, " + DOG
 
 
+def test_the_views_of_one_graph_and_tokenizer_are_tokenised_once(
+    views: ViewBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every study arm builds its views twice: the truncated entity texts are reused when
+    texts, tokenizer and length are the same, and only then."""
+    calls: list[int] = []
+    tokenizer = smollm2_tokenizer()
+    real = type(tokenizer).__call__
+
+    def counted(self, texts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(texts))
+        return real(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counted)
+    kg = views.kg
+    first = ViewBuilder(kg, tokenizer, max_entity_tokens=7)
+    entities = [n for n in calls if n == kg.num_entities]
+    again = ViewBuilder(kg, tokenizer, max_entity_tokens=7)
+    assert [n for n in calls if n == kg.num_entities] == entities  # not tokenised again
+    assert again.entity_texts == first.entity_texts
+    assert (again.entity_lengths == first.entity_lengths).all()
+    again.entity_texts[0] = "changed"  # a builder's texts are its own
+    assert ViewBuilder(kg, tokenizer, max_entity_tokens=7).entity_texts == first.entity_texts
+    other = toy_kg(descriptions=("a dog", "", "", "", "", "", "", ""))
+    assert ViewBuilder(other, tokenizer, max_entity_tokens=7).entity_texts[0] == "dog, a dog"
+    shorter = ViewBuilder(kg, tokenizer, max_entity_tokens=3)
+    assert shorter.entity_texts[0] != first.entity_texts[0]
+    assert len([n for n in calls if n == kg.num_entities]) == len(entities) + 2
+
+
 def test_view_ids_have_no_special_tokens(views: ViewBuilder) -> None:
     tokenizer = views.tokenizer
     hr = views.hr_ids([1, 2], [0, 2])

@@ -37,7 +37,7 @@ class SettingsTable(SphinxDirective):
         self.env.note_dependency(str(config_path()))
         try:
             table = profile_differences(base, other, dataset=self.options.get("dataset", "wn18rr"))
-        except (KeyError, ValueError) as err:
+        except ValueError as err:  # a ConfigError: an unknown profile or dataset, a bad value
             raise self.error(f"kalm-settings: {err}") from err
         header = ["setting", "meaning", f"{base} profile", f"{other} profile"]
         rows = [[setting, *map(str, row)] for setting, row in table.iterrows()]

@@ -3,7 +3,8 @@ the functions that build its entity and inverse-relation texts.
 
 Every file is pinned to a public source at a fixed commit and to the sha256 of its content, so a
 cache built on one machine is byte-identical to one built anywhere else. Adding a knowledge
-graph means adding one entry to `DATASETS` (and its name to `_config.yml`'s `datasets`).
+graph means adding one entry to `DATASETS`, its name and every spelling of it (lower case) to
+`_ALIASES`, through which `get_dataset` finds it, and its name to `_config.yml`'s `datasets`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Evaluation of aligned models: KGC ranking (``kgc``), KGQA (``kgqa``) and LM checks (``lm``).
+"""Evaluation of aligned models: KGC ranking (``kgc``), KGQA (``kgqa`` and the modules it
+gathers; ``likelihood`` for multiple choice) and LM checks (``lm``).
 
 Submodules load on first attribute access, like the top-level package, so
 ``kalm.evaluate.kgc.rank(...)`` works without importing every evaluator.
@@ -9,7 +10,17 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_SUBMODULES = ("kgc", "kgqa", "lm")
+_SUBMODULES = (
+    "candidates",
+    "generation",
+    "kgc",
+    "kgqa",
+    "likelihood",
+    "lm",
+    "questions",
+    "scoring",
+    "statistics",
+)
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -22,10 +22,10 @@ __all__ = [
     "HITS_AT",
     "Ranks",
     "metrics",
+    "metrics_by_direction",
     "per_relation",
     "rank",
     "rank_queries",
-    "summarise",
 ]
 
 HITS_AT: tuple[int, ...] = (1, 3, 10)
@@ -131,7 +131,7 @@ def _direction_summary(ranks: Ranks) -> dict[str, float]:
     return out
 
 
-def summarise(tail_ranks: Ranks, head_ranks: Ranks) -> dict[str, dict[str, float]]:
+def metrics_by_direction(tail_ranks: Ranks, head_ranks: Ranks) -> dict[str, dict[str, float]]:
     """Metrics per direction (``"tail"``, ``"head"``) and over all queries of both (``"both"``).
 
     ``"both"`` averages over all queries, which equals the mean of the two directions when they

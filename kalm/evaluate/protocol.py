@@ -18,7 +18,7 @@ import torch
 from kalm.config import RunConfig
 from kalm.data import KnowledgeGraph, sample_triples
 from kalm.encoder import Encoder
-from kalm.evaluate.kgc import FilterMode, Ranks, per_relation, rank_queries, summarise
+from kalm.evaluate.kgc import FilterMode, Ranks, metrics_by_direction, per_relation, rank_queries
 from kalm.runs import Run
 
 __all__ = [
@@ -64,18 +64,24 @@ def entity_index(
     a run interrupted while it encodes (an index of every WN18RR entity takes an hour or more on
     a CPU without native bf16) resumes at its first missing chunk. The time is the one measured
     when the chunks were built, kept beside them, so a report of encoding throughput stays the
-    same when the index comes from the cache.
+    same when the index comes from the cache. An entry's name covers what its embeddings
+    depend on besides the run's model state (which its seal records): the graph, the entities'
+    texts, the batch size, the matmul dtype and 8-bit weights.
     """
     views = encoder.views
     texts = "\n".join(views.tail_text(int(e)) for e in candidates)
     digest = hashlib.sha256(texts.encode()).hexdigest()[:16]
+    # The batch size shapes the padding, and so the rounding, of every embedding.
+    batches = f"b{encoder.entity_batch_size}"
     dtype = encoder.dtype
     precision = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
+    if getattr(encoder.model, "is_loaded_in_8bit", False):  # the paper profile's 8-bit weights
+        precision += "-int8"
     ids = candidates.tolist()
     parts = [ids[start : start + chunk] for start in range(0, len(ids), chunk)]
     pieces, seconds = [], 0.0
     for k, part in enumerate(parts, 1):
-        name = f"entities-{views.kg.name}-{digest}-part{k}of{len(parts)}{precision}"
+        name = f"entities-{views.kg.name}-{digest}-{batches}-part{k}of{len(parts)}{precision}"
         desc = "entity index" if len(parts) == 1 else f"entity index {k}/{len(parts)}"
         encode = functools.partial(encoder.encode_entities, part, progress=progress, desc=desc)
         piece, took = run.cached_timed(name, encode)
@@ -176,7 +182,7 @@ def evaluate_kgc(
             "entities_per_s": len(candidates) / encode_seconds,
         }
     return KGCResult(
-        summary=summarise(ranks["tail"], ranks["head"]),
+        summary=metrics_by_direction(ranks["tail"], ranks["head"]),
         tail=ranks["tail"],
         head=ranks["head"],
         triples=triples,
