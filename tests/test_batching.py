@@ -61,6 +61,7 @@ def test_bucketed_batches_have_little_padding() -> None:
     random = mean_spread(list(rng.permutation(len(lengths)).reshape(-1, batch_size)))
     assert bucketed < 0.1 * random
 
+
 def test_two_length_keys_bucket_both_views() -> None:
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 200, size=(4096, 2))  # two independent view lengths
@@ -89,6 +90,7 @@ def test_training_batches_of_wn18rr_pad_under_ten_percent(kg: KnowledgeGraph) ->
             real += sum(map(len, rows))
             padded += len(rows) * max(map(len, rows))
     assert (padded - real) / padded < 0.10
+
 
 @settings(max_examples=40, deadline=None)
 @given(
