@@ -18,9 +18,9 @@ import torch
 from bench_common import PRECISIONS, Workload
 from bench_encoding import sample_entities, time_encode
 
-from kalm.encoder import Encoder
 from kalm.evaluate.kgc import rank_queries
 from kalm.evaluate.protocol import KGCResult, evaluate_kgc
+from kalm.experiment import load_encoder
 from kalm.flops import forward_flops
 from kalm.runs import Run
 from kalm.views import ViewBuilder
@@ -114,13 +114,13 @@ def estimate(w: Workload, quick: bool, precision: str) -> dict[str, Any]:
 def evaluate(
     w: Workload, precision: str, progress: bool, **eval_overrides: Any
 ) -> tuple[KGCResult, float]:
-    """``evaluate_kgc`` of the workload's model in ``precision`` with ``cfg.eval`` fields
-    overridden, in a fresh run directory (no cached index), and its wall time."""
+    """``evaluate_kgc`` of the workload's untuned model in ``precision`` with ``cfg.eval``
+    fields overridden, in a fresh run directory (no cached index), and its wall time from
+    loading the model (as a fresh process evaluating a run does)."""
     cfg = replace(w.cfg, eval=replace(w.cfg.eval, **eval_overrides))
     run = Run(Path(tempfile.mkdtemp(prefix="kalm-bench-eval-")))
     started = time.perf_counter()
-    views = ViewBuilder.from_config(w.kg, w.tokenizer, cfg)
-    encoder = Encoder.from_config(w.model(precision), views, cfg)
+    encoder, _ = load_encoder(cfg, tuned=False, precision=precision)
     result = evaluate_kgc(encoder, cfg, run, progress=progress)
     return result, time.perf_counter() - started
 

@@ -27,15 +27,10 @@ TOLERANCE = 0.05
 def arm(precision: str, steps: int, queries: int, candidates: int) -> dict[str, Any]:
     """Train (or load) one arm and evaluate it on the validation split; its log and metrics."""
     import torch
-    from peft import PeftModel
 
     from kalm.config import resolve
-    from kalm.data import load_kg
-    from kalm.encoder import Encoder
     from kalm.evaluate.protocol import evaluate_kgc
-    from kalm.experiment import train_or_load
-    from kalm.models import load_model
-    from kalm.views import ViewBuilder
+    from kalm.experiment import load_encoder
 
     torch.set_num_threads(2)
     cfg = resolve(
@@ -45,11 +40,8 @@ def arm(precision: str, steps: int, queries: int, candidates: int) -> dict[str, 
         valid_queries=queries,
         candidates=candidates,
     )
-    _, tokenizer, run = train_or_load(cfg)
-    base, _ = load_model(cfg.model, precision="bf16")
-    model = PeftModel.from_pretrained(base, run.adapter_dir).eval()
-    views = ViewBuilder.from_config(load_kg(cfg.dataset), tokenizer, cfg)
-    result = evaluate_kgc(Encoder.from_config(model, views, cfg), cfg, run, split="valid")
+    encoder, run = load_encoder(cfg, precision="bf16")  # the same bf16 encoder for both arms
+    result = evaluate_kgc(encoder, cfg, run, split="valid")
     log = run.train_log()
     return {
         "precision": precision,

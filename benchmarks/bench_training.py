@@ -24,10 +24,11 @@ from bench_common import (
 )
 from bench_profile import top_ops
 
+from kalm.batching import iterate_batches
 from kalm.config import resolve
 from kalm.flops import PassTokens, StepFlops, kalm_step_flops, recipe_step_flops
 from kalm.trainer import Trainer
-from kalm.views import Batch, KaLMBatch, iterate_batches
+from kalm.views import Batch, KaLMBatch
 
 MEMORY_GB = 16.0
 

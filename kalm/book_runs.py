@@ -11,10 +11,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
-import os
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +131,15 @@ def verify(
     mismatches = 0
     with tempfile.TemporaryDirectory(prefix="kalm-verify-") as tmp:
         rerun = Path(tmp)
-        with _environment(KALM_RUNS_DIR=str(rerun / "runs"), KALM_RESULTS_DIR=str(rerun)):
-            for experiment in experiments:
-                execute(experiment, model=model, profile=profile, executed=rerun)
+        for experiment in experiments:
+            execute(
+                experiment,
+                model=model,
+                profile=profile,
+                executed=rerun,
+                results_dir=rerun,
+                runs_dir=rerun / "runs",
+            )
         for experiment in experiments:
             problems, compared = [], []
             for book, read in ((reference, read_json), (executed, glued_numbers)):
@@ -176,18 +180,3 @@ def glued_numbers(path: Path) -> dict[str, Any]:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 numbers[glue["name"]] = value
     return numbers
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the ``with`` block (the pages' kernels inherit them)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

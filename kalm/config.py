@@ -35,6 +35,7 @@ __all__ = [
     "ModelSpec",
     "Range",
     "RunConfig",
+    "Session",
     "TrainConfig",
     "config_path",
     "load_config",
@@ -389,9 +390,29 @@ class Config:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class Session:
+    """What a notebook's parameters ask of the process running it, beyond the run itself.
+
+    It travels with the configuration (:attr:`RunConfig.session`, kept by
+    ``dataclasses.replace`` and by the study arms) so that every library call of the notebook
+    sees it without a module global; it is no part of the run's identity, file or equality.
+    ``retrain`` trains anew every run the session loads, each once (``retrained`` holds the run
+    directories already retrained); ``results_dir`` is where the pages publish their records
+    (None: ``KALM_RESULTS_DIR``, else ``book/results``); ``runs_dir`` is the run store (None:
+    see :func:`kalm.runs.runs_dir`).
+    """
+
+    retrain: bool = False
+    results_dir: Path | None = None
+    runs_dir: Path | None = None
+    retrained: set[Path] = dataclasses.field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """A fully resolved experiment: what to train and how to evaluate it."""
+    """A fully resolved experiment: what to train and how to evaluate it, and the
+    :class:`Session` that asked for it."""
 
     model: ModelSpec
     dataset: str
@@ -401,10 +422,13 @@ class RunConfig:
     )
     train: TrainConfig
     eval: EvalConfig
+    session: Session = dataclasses.field(default_factory=Session, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form (written into every run directory)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON-able form (written into every run directory), without the session."""
+        plain = dataclasses.asdict(dataclasses.replace(self, session=Session()))
+        del plain["session"]
+        return json.loads(json.dumps(plain))
 
     def train_key(self) -> str:
         """Hash of everything that determines the trained weights (not the evaluation sizes).

@@ -107,10 +107,16 @@ def execute(
     profile: str = "auto",
     retrain: bool = False,
     executed: Path = EXECUTED,
+    results_dir: Path | None = None,
+    runs_dir: Path | None = None,
 ) -> Path:
     """Run one experiment notebook into ``<executed>/<page>.ipynb`` and return its path.
 
     ``retrain`` is the notebook parameter: the page trains anew every run it uses.
+    ``results_dir`` and ``runs_dir``, when given, are injected as the parameters of those names
+    (which :func:`~kalm.experiment.notebook_config` accepts undeclared): the page publishes its
+    record into the first and keeps its runs in the second, with no environment variable
+    passed to its kernel.
     """
     import papermill
 
@@ -120,6 +126,11 @@ def execute(
         **experiment.parameters,
         "profile": cfg.profile,
         "retrain": retrain,
+        **{
+            name: str(path.resolve())
+            for name, path in (("results_dir", results_dir), ("runs_dir", runs_dir))
+            if path is not None
+        },
     }
     source = NOTEBOOKS / f"{experiment.notebook}.ipynb"
     target = executed / f"{experiment.page}.ipynb"
@@ -346,8 +357,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.pages) - set(pages))
     if unknown:
         parser.error(f"unknown page(s) {unknown}; valid pages: {', '.join(pages)}")
-    if args.results_dir is not None:  # the notebooks' kernels inherit the environment
-        os.environ["KALM_RESULTS_DIR"] = str(args.results_dir.resolve())
     chosen = [
         e
         for e in BOOK_EXPERIMENTS
@@ -382,7 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = None if experiment.own_runs else training_plan(cfg, retrain=retrain)
         if plan:
             print(plan)
-        execute(experiment, model=args.model, profile=args.profile, retrain=retrain)
+        execute(
+            experiment,
+            model=args.model,
+            profile=args.profile,
+            retrain=retrain,
+            results_dir=args.results_dir,
+        )
         atomic_write_text(REGENERATION, regeneration_table())
     return 0
 

@@ -2,9 +2,10 @@
 
 This is the top of the library: it loads models (:mod:`kalm.models`), trains them
 (:mod:`kalm.trainer`) and hands out what evaluation needs (:class:`~kalm.encoder.Encoder`, a
-:class:`~kalm.runs.Run` for caches and metrics). Evaluation and analysis never import it; the
-notebooks do. The model is passed on as the configuration's :class:`~kalm.config.ModelSpec`.
-Notebooks turn their parameters into a configuration with :func:`notebook_config`.
+:class:`~kalm.runs.Run` for caches and metrics) in one call, :func:`load_encoder`. Evaluation
+and analysis never import it; the notebooks do. The model is passed on as the configuration's
+:class:`~kalm.config.ModelSpec`. Notebooks turn their parameters into a configuration with
+:func:`notebook_config`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +24,22 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kalm.config import ConfigError, EvalConfig, RunConfig, TrainConfig, resolve
+from kalm.config import ConfigError, EvalConfig, RunConfig, Session, TrainConfig, resolve
 from kalm.data import load_kg
 from kalm.durable import LOCK_NAME, RunStoreError, lock_directory
+from kalm.encoder import Encoder
 from kalm.models import load_model
 from kalm.published import keep_precision, locate, restore_checkpoint
 from kalm.runs import RETRAIN, Run
 from kalm.trainer import Trainer, check_processes, process_state
+from kalm.views import ViewBuilder
 
 __all__ = [
+    "EXECUTE_PARAMETERS",
     "NOTEBOOK_PARAMETERS",
     "TRAINING_WAIT",
     "load_base",
+    "load_encoder",
     "notebook_config",
     "train_or_load",
 ]
@@ -42,24 +47,30 @@ __all__ = [
 NOTEBOOK_PARAMETERS = ("model", "dataset", "profile", "seed", "retrain", "overrides")
 """The parameters of every experiment notebook; profile fields go into ``overrides``."""
 
+EXECUTE_PARAMETERS = ("results_dir", "runs_dir")
+"""Parameters that ``python -m kalm.execute`` injects into a page that declares none of them:
+settings of the session rather than of the experiment (see :class:`~kalm.config.Session`)."""
+
 TRAINING_WAIT = 24 * 3600.0
 """Seconds :func:`train_or_load` waits for another process training the same run."""
 
-# The notebook parameter `retrain` (set by notebook_config): retrain every run this process
-# loads, each once. The runs already retrained in this process are remembered.
-_session = {"retrain": False}
-_retrained: set[Path] = set()
 
-
-def _load(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(
+    cfg: RunConfig, precision: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return load_model(
-        cfg.model, precision=cfg.train.precision, load_in_8bit=cfg.train.load_in_8bit
+        cfg.model,
+        precision=precision or cfg.train.precision,
+        load_in_8bit=cfg.train.load_in_8bit,
     )
 
 
-def load_base(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Run]:
-    """The untuned model of ``cfg`` (the "no tuning" rows of the paper) and its cache directory."""
-    model, tokenizer = _load(cfg)
+def load_base(
+    cfg: RunConfig, *, precision: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Run]:
+    """The untuned model of ``cfg`` (the "no tuning" rows of the paper) and its cache directory;
+    ``precision`` overrides ``cfg.train.precision`` for the weights."""
+    model, tokenizer = _load(cfg, precision)
     return model, tokenizer, Run.base(cfg)
 
 
@@ -69,7 +80,6 @@ def train_or_load(
     retrain: bool | None = None,
     progress: bool = True,
     wait: float = TRAINING_WAIT,
-    runs: Path | None = None,
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
     """The KaLM-tuned model of ``cfg``: loaded if its run finished, else trained (resuming).
 
@@ -81,8 +91,8 @@ def train_or_load(
     (:mod:`kalm.published`) is loaded from ``book/runs/`` when the local store lacks it, and its
     published checkpoint resumes an unfinished one. A damaged run raises
     :class:`~kalm.durable.RunStoreError` and is retrained only on request: ``retrain=True``
-    discards the run and trains it again. ``retrain=None`` follows the notebook parameter
-    ``retrain`` (see :func:`notebook_config`), which retrains each run once per process.
+    discards the run and trains it again. ``retrain=None`` follows ``cfg.session`` (the notebook
+    parameter ``retrain``, see :func:`notebook_config`), which retrains each run once.
 
     Under ``accelerate launch`` or ``torchrun`` every process calls this with the same ``cfg``
     (whose ``train.processes`` must match the launch). The main process alone locks the run,
@@ -90,13 +100,13 @@ def train_or_load(
     before they read the run, and again before anyone returns, so the adapter is there for
     all of them.
 
-    The run lives in the run store ``runs`` (by default :func:`~kalm.runs.runs_dir`). A new run
+    The run lives in the run store of ``cfg`` (:func:`~kalm.runs.runs_dir`). A new run
     reads its dataset before the model, so bad data fails in seconds; a run that fails before
     it holds anything to resume from (a checkpoint) leaves no directory behind.
     """
-    run = Run.trained(cfg, runs)
+    run = Run.trained(cfg)
     if retrain is None:
-        retrain = _session["retrain"] and run.path not in _retrained
+        retrain = cfg.session.retrain and run.path not in cfg.session.retrained
     found = None if retrain else locate(run)  # the local store first, then book/runs/
     if found is not None and found.finished_record() is not None:
         # A finished run changes only by a retrain (under the lock, done.json deleted first),
@@ -126,7 +136,7 @@ def _train_or_load_locked(
     if retrain and main:
         run.discard()
     if retrain:
-        _retrained.add(run.path)
+        cfg.session.retrained.add(run.path)
     elif main:
         restore_checkpoint(run)  # a published checkpoint resumes as a local one does
     state.wait_for_everyone()
@@ -171,10 +181,13 @@ def _remove_if_unstarted(run: Run) -> None:
             shutil.rmtree(run.path, ignore_errors=True)
 
 
-def _load_finished(cfg: RunConfig, run: Run) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
-    """The model of ``cfg`` with the verified adapter of its finished ``run`` (local or
-    published); an adapter that cannot be loaded raises RunStoreError naming the run."""
-    model, tokenizer = _load(cfg)
+def _load_finished(
+    cfg: RunConfig, run: Run, precision: str | None = None
+) -> tuple[PeftModel, PreTrainedTokenizerBase, Run]:
+    """The model of ``cfg`` (in ``precision``, by default ``cfg.train.precision``) with the
+    verified adapter of its finished ``run`` (local or published); an adapter that cannot be
+    loaded raises RunStoreError naming the run."""
+    model, tokenizer = _load(cfg, precision)
     try:
         tuned = PeftModel.from_pretrained(model, run.adapter_dir)
     except Exception as err:  # peft and safetensors raise many types; all mean "unreadable"
@@ -185,6 +198,34 @@ def _load_finished(cfg: RunConfig, run: Run) -> tuple[PeftModel, PreTrainedToken
     return tuned, tokenizer, run
 
 
+def load_encoder(
+    cfg: RunConfig,
+    *,
+    tuned: bool = True,
+    precision: str | None = None,
+    progress: bool = True,
+) -> tuple[Encoder, Run]:
+    """The encoder of ``cfg``'s KaLM-tuned model (:func:`train_or_load`, so training it if its
+    run has not finished) or, with ``tuned=False``, of its untuned model (:func:`load_base`),
+    with the views and batch sizes of ``cfg``; and the run that holds its caches and metrics.
+
+    Every consumer of embeddings needs the same model, graph, views and batch sizes, so they
+    come from here rather than from four calls repeated by each. The model and tokenizer are
+    ``encoder.model`` and ``encoder.views.tokenizer``; the graph is ``encoder.views.kg``.
+    ``precision`` loads the weights in another precision than ``cfg.train.precision`` (the
+    same adapter on a bf16 base, say) without changing the run.
+    """
+    if tuned:
+        model, tokenizer, run = train_or_load(cfg, progress=progress)
+        if precision not in (None, cfg.train.precision):
+            del model
+            model, tokenizer, run = _load_finished(cfg, run, precision)
+    else:
+        model, tokenizer, run = load_base(cfg, precision=precision)
+    views = ViewBuilder.from_config(load_kg(cfg.dataset), tokenizer, cfg)
+    return Encoder.from_config(model, views, cfg), run
+
+
 # ----------------------------------------------------------------------------------- notebooks
 def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
     """The configuration of a notebook from its parameters: ``cfg = notebook_config(globals())``.
@@ -192,12 +233,17 @@ def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
     Every experiment notebook declares exactly :data:`NOTEBOOK_PARAMETERS`; profile fields are
     changed through the ``overrides`` dict. A name papermill injected that the notebook does not
     declare (``-p batch_size 2``) would otherwise be ignored while the executed copy shows it, so
-    it is an error here, as are a non-bool ``retrain`` and ``overrides`` that is not a dict.
-    ``retrain=True`` makes every :func:`train_or_load` of this process retrain its run once.
+    it is an error here, as are a non-bool ``retrain`` and ``overrides`` that is not a dict;
+    only :data:`EXECUTE_PARAMETERS` may be injected undeclared. ``retrain``, ``results_dir`` and
+    ``runs_dir`` go into the configuration's :class:`~kalm.config.Session`: ``retrain=True``
+    makes every :func:`train_or_load` of this configuration (and of the study arms derived from
+    it) retrain its run once, ``results_dir`` is where :func:`kalm.results.publish` writes and
+    ``runs_dir`` the run store its runs live in.
     """
     profile_fields = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(EvalConfig)}
-    for name in _injected(namespace.get("In", ())):
-        if name in NOTEBOOK_PARAMETERS:
+    injected = _injected(namespace.get("In", ()))
+    for name in injected:
+        if name in NOTEBOOK_PARAMETERS or name in EXECUTE_PARAMETERS:
             continue
         hint = (
             f"pass profile fields as -y 'overrides: {{{name}: {json.dumps(namespace.get(name))}}}'"
@@ -225,9 +271,10 @@ def notebook_config(namespace: Mapping[str, Any]) -> RunConfig:
         seed=namespace["seed"],
         **overrides,
     )
-    if "precision" not in overrides:  # a run keeps the precision it started in
+    paths = {name: Path(namespace[name]) for name in EXECUTE_PARAMETERS if name in injected}
+    cfg = replace(cfg, session=Session(retrain=retrain, **paths))
+    if "precision" not in overrides:  # a run keeps the precision it started in (in its store)
         cfg = keep_precision(cfg)
-    _session["retrain"] = retrain
     return cfg
 
 

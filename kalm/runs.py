@@ -66,9 +66,13 @@ cover them (see :meth:`Run.metric_name`); a tuned model's other settings are in 
 _DERIVED = ("cache/*", "metrics/*")
 
 
-def runs_dir() -> Path:
-    """Root of the run store: ``KALM_RUNS_DIR``, else ``runs/`` in the user cache
-    (``~/.cache/kalm/runs``), outside the working tree so that laying it anew loses no run."""
+def runs_dir(cfg: RunConfig | None = None) -> Path:
+    """Root of the run store: ``cfg.session.runs_dir`` (the page parameter ``runs_dir`` that
+    :func:`kalm.execute.execute` injects), else ``KALM_RUNS_DIR``, else ``runs/`` in the user
+    cache (``~/.cache/kalm/runs``), outside the working tree so that laying it anew loses no
+    run."""
+    if cfg is not None and cfg.session.runs_dir is not None:
+        return cfg.session.runs_dir
     return Path(os.environ.get("KALM_RUNS_DIR") or user_cache() / "runs")
 
 
@@ -85,15 +89,15 @@ class Run:
     @classmethod
     def trained(cls, cfg: RunConfig, root: Path | None = None) -> Run:
         """The directory of the KaLM-tuned model of ``cfg`` in the run store ``root`` (by
-        default :func:`runs_dir`)."""
+        default ``runs_dir(cfg)``, see :func:`runs_dir`)."""
         model = _slug(cfg.model.store_name)
         name = f"{model}-{cfg.dataset}-{cfg.profile}-s{cfg.seed}-{cfg.train_key()}"
-        return cls((root or runs_dir()) / name)
+        return cls((root or runs_dir(cfg)) / name)
 
     @classmethod
     def base(cls, cfg: RunConfig) -> Run:
         """The directory holding caches of the untuned model of ``cfg``."""
-        return cls(runs_dir() / f"{_slug(cfg.model.store_name)}-base")
+        return cls(runs_dir(cfg) / f"{_slug(cfg.model.store_name)}-base")
 
     # ------------------------------------------------------------------------- training files
     @property

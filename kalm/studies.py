@@ -26,29 +26,33 @@ from kalm.analysis import head_outranks_gold
 from kalm.config import RunConfig, resolve
 from kalm.data import load_kg, load_wikitext
 from kalm.durable import read_json
-from kalm.encoder import Encoder
 from kalm.evaluate import kgqa, lm
 from kalm.evaluate.protocol import evaluate_kgc
-from kalm.experiment import load_base, train_or_load
+from kalm.experiment import load_base, load_encoder
 from kalm.published import locate
 from kalm.results import labels, results_dir
 from kalm.runs import Run
-from kalm.views import ViewBuilder
 
 __all__ = [
+    "IN_BATCH_ONLY",
     "LAMBDAS",
     "LANGUAGE_SETTINGS",
     "PERPLEXITY_LIMIT",
+    "SELF_NEGATIVES_CONSTANT",
+    "SELF_NEGATIVES_TRAINED",
     "STUDY_BASE",
     "TIE",
     "TUNING_COLUMNS",
     "Arm",
     "arm_config",
+    "arm_record",
     "base_language",
     "choose",
     "evaluate_arm",
     "lambda_arms",
     "lambda_choice",
+    "lambda_label",
+    "record_key",
     "run_study",
     "self_negative_arms",
     "tuned_settings",
@@ -84,6 +88,12 @@ PERPLEXITY_LIMIT = 1.10
 LAMBDAS = (0.0, 0.01, 0.1, 1.0)
 """The weights of ``L_imp`` the lambda study compares."""
 
+IN_BATCH_ONLY = "in-batch negatives only"
+SELF_NEGATIVES_CONSTANT = "self-negatives, constant"
+SELF_NEGATIVES_TRAINED = "self-negatives, trained through"
+"""The labels of the self-negative study's arms (:func:`self_negative_arms`), by which its page
+reads the table's rows."""
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -115,7 +125,8 @@ def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
     fields["candidates"] = cfg.eval.study_candidates
     # A local model is named by its directory (a Path is never read as an alias).
     model = Path(cfg.model.hub_id) if cfg.model.source == "local" else cfg.model.alias
-    return resolve(model=model, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields)
+    arm = resolve(model=model, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields)
+    return dataclasses.replace(arm, session=cfg.session)  # a retrain reaches the arms
 
 
 LANGUAGE_SETTINGS = (
@@ -190,9 +201,8 @@ def evaluate_arm(
     cached = finished.load_metrics(name) if finished.finished_record() is not None else None
     if cached is not None:  # a rerun of a study loads no model
         return cached
-    tuned, tokenizer, run = train_or_load(cfg, progress=progress)
-    kg = load_kg(cfg.dataset)
-    encoder = Encoder.from_config(tuned, ViewBuilder.from_config(kg, tokenizer, cfg), cfg)
+    encoder, run = load_encoder(cfg, progress=progress)
+    tuned, tokenizer = encoder.model, encoder.views.tokenizer
     result = evaluate_kgc(encoder, cfg, run, split="valid", progress=progress)
     head_wins = head_outranks_gold(encoder, result.triples, batch_size=cfg.eval.analysis_batch_size)
     log = run.train_log()
@@ -216,7 +226,7 @@ def evaluate_arm(
             **_kgqa_tail(tuned, tokenizer, cfg),
         }
     run.save_metrics(name, metrics)
-    del tuned
+    del tuned, encoder
     gc.collect()
     return metrics
 
@@ -261,9 +271,9 @@ def self_negative_arms() -> tuple[Arm, ...]:
     """In-batch negatives only; the head's view as a constant extra negative; the same trained
     through (SimKGC). Otherwise :data:`STUDY_BASE`."""
     return (
-        Arm("in-batch negatives only", {**STUDY_BASE, "self_negatives": False}),
-        Arm("self-negatives, constant", {**STUDY_BASE, "self_negative_grad": False}),
-        Arm("self-negatives, trained through", dict(STUDY_BASE)),
+        Arm(IN_BATCH_ONLY, {**STUDY_BASE, "self_negatives": False}),
+        Arm(SELF_NEGATIVES_CONSTANT, {**STUDY_BASE, "self_negative_grad": False}),
+        Arm(SELF_NEGATIVES_TRAINED, dict(STUDY_BASE)),
     )
 
 
@@ -291,14 +301,29 @@ def tuning_choice(table: pd.DataFrame) -> str:
 
 
 TUNING_COLUMNS = ("MRR", "Hits@1", "perplexity / base", "kgqa_tail")
-"""The per-arm numbers the tuning page publishes (``"<arm>: <column>"``)."""
+"""The per-arm numbers the tuning page publishes (:func:`record_key`)."""
+
+
+def record_key(label: str, column: str) -> str:
+    """The key of one arm's number in a study page's record: ``"<arm label>: <column>"``."""
+    return f"{label}: {column}"
+
+
+def arm_record(table: pd.DataFrame, columns: Sequence[str]) -> dict[str, float]:
+    """The numbers of ``columns`` for every arm of a study table (:func:`run_study`), keyed by
+    :func:`record_key`: what a study page publishes per arm."""
+    return {
+        record_key(str(label), column): float(table.loc[label, column])
+        for label in table.index
+        for column in columns
+    }
 
 
 def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
     """The tuning study's per-arm numbers from the tuning page's record
     (``<results>/tuning.json``), or None when there is none for ``cfg``'s model, profile,
     dataset and study budget (or it lacks an arm of :func:`tuning_arms`)."""
-    path = results_dir() / "tuning.json"
+    path = results_dir(cfg) / "tuning.json"
     if not path.is_file():
         return None
     record = read_json(path)
@@ -307,7 +332,7 @@ def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
         return None
     try:
         rows = {
-            arm.label: {c: float(record[f"{arm.label}: {c}"]) for c in TUNING_COLUMNS}
+            arm.label: {c: float(record[record_key(arm.label, c)]) for c in TUNING_COLUMNS}
             for arm in tuning_arms()
         }
     except KeyError:
@@ -327,9 +352,14 @@ def tuned_settings(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     return dict(next(arm for arm in tuning_arms() if arm.label == label).changes)
 
 
+def lambda_label(lam: float) -> str:
+    """The label of the lambda study's arm of weight ``lam`` (``λ = 0.01``)."""
+    return f"λ = {lam:g}"
+
+
 def lambda_arms(tuned: Mapping[str, Any]) -> tuple[Arm, ...]:
     """The tuned settings at each weight of :data:`LAMBDAS`."""
-    return tuple(Arm(f"λ = {lam:g}", {**tuned, "lam": lam}) for lam in LAMBDAS)
+    return tuple(Arm(lambda_label(lam), {**tuned, "lam": lam}) for lam in LAMBDAS)
 
 
 def lambda_choice(table: pd.DataFrame) -> str:

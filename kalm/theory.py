@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,14 @@ from numpy.typing import ArrayLike
 from tqdm import tqdm
 
 from kalm.analysis import top_component_share
+from kalm.config import EvalConfig
 from kalm.losses import explicit_loss
+
+SYNTHETIC_ROWS, SYNTHETIC_DIM = 256, 32
+"""Size of the synthetic similarity matrices of the Theorem 2 check (rows, embedding width)."""
+
+ANISOTROPY_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
+"""The anisotropy strengths the Theorem 2 check sweeps, from uniform to strongly shared."""
 
 
 def _anisotropic(n: int, d: int, strength: float, gen: torch.Generator) -> torch.Tensor:
@@ -56,6 +64,22 @@ def _positives(hr: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Te
 # ---------------------------------------------------------------------------------------------
 # Theorem 1
 # ---------------------------------------------------------------------------------------------
+
+
+def theorem1_sizes(ev: EvalConfig) -> dict[str, Any]:
+    """The profile's sizes of the Theorem 1 check, as keywords of :func:`theorem1_gap`."""
+    return {
+        "ns": ev.theorem1_negatives,
+        "dim": ev.theorem1_dim,
+        "n_queries": ev.theorem1_queries,
+        "pool_size": ev.theorem1_pool,
+    }
+
+
+def descent_sizes(ev: EvalConfig) -> dict[str, int]:
+    """The profile's sizes of the descent experiment, as keywords of
+    :func:`descent_experiment`."""
+    return {"n": ev.descent_rows, "d": ev.descent_dim, "steps": ev.descent_steps}
 
 
 def theorem1_gap(

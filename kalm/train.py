@@ -20,12 +20,13 @@ import errno
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kalm.config import REPO_ROOT, ConfigError, RunConfig, load_config, resolve
+from kalm.config import REPO_ROOT, ConfigError, RunConfig, Session, load_config, resolve
 from kalm.durable import RunStoreError
 
 __all__ = ["main", "notebook_command", "parser"]
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             **overrides,
         )
+        cfg = replace(cfg, session=Session(runs_dir=runs))  # the store Run.trained(cfg) names
         if main_process:
             t = cfg.train
             print(
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{t.global_batch_size} examples per step = {t.batch_size} x "
                 f"{t.gradient_accumulation_steps} accumulated x {t.processes} process(es)"
             )
-        _, _, run = train_or_load(cfg, retrain=args.retrain, progress=main_process, runs=runs)
+        _, _, run = train_or_load(cfg, retrain=args.retrain, progress=main_process)
     except (ConfigError, ModelUnavailableError, RunStoreError, DataError) as err:
         return fail(str(err), 2)
     except TrainingDiverged as err:

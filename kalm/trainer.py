@@ -4,7 +4,7 @@ One code path serves CPU, one GPU and several (``accelerate launch``, ``torchrun
 views and the triple-completion prompt go through a single ``forward`` of :class:`KaLMModule`,
 which is what DDP/FSDP wrap, so gradient synchronisation sees every parameter use. Each
 optimiser step takes one global batch, which every process shards the same way
-(:func:`~kalm.views.micro_batches`); only the main process writes the run directory.
+(:func:`~kalm.batching.micro_batches`); only the main process writes the run directory.
 
 The command line of a training run, ``python -m kalm.train``, is :mod:`kalm.train`; it sits on
 top of the library and nothing imports it.
@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from kalm.batching import iterate_batches, micro_batches
 from kalm.config import ConfigError, RunConfig, TrainConfig
 from kalm.data import KnowledgeGraph
 from kalm.durable import RunStoreError, append_jsonl, atomic_torch_save, atomic_write_text
@@ -51,14 +52,7 @@ from kalm.losses import (
 )
 from kalm.models import decoder_of, embed_batch, mixed_precision, mixed_precision_backward
 from kalm.runs import RETRAIN, Run
-from kalm.views import (
-    Collator,
-    KaLMBatch,
-    ViewBuilder,
-    iterate_batches,
-    micro_batches,
-    training_examples,
-)
+from kalm.views import Collator, KaLMBatch, ViewBuilder, training_examples
 
 __all__ = [
     "KaLMModule",

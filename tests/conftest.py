@@ -12,6 +12,14 @@ import pytest
 from kalm.config import REPO_ROOT
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of the built book carries the ``book`` marker (``make test-fast`` leaves them
+    out): those that take the ``html`` fixture, which builds it, and the browser's."""
+    for item in items:
+        if "html" in getattr(item, "fixturenames", ()) or item.path.name == "test_browser.py":
+            item.add_marker(pytest.mark.book)
+
+
 @pytest.fixture(scope="session")
 def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the book with warnings as errors into a temporary directory; return the HTML root."""

@@ -21,11 +21,13 @@ import torch.multiprocessing as mp
 from helpers import toy_kg
 
 from kalm import experiment
+from kalm.batching import iterate_batches, micro_batches
 from kalm.config import resolve
 from kalm.models import load_model
 from kalm.runs import Run
 from kalm.trainer import Trainer
-from kalm.views import iterate_batches, micro_batches
+
+pytestmark = pytest.mark.slow  # two training processes per test
 
 WORLD = 2
 # Two steps, clipped hard so that clipping acts on every step; smoke's lr, no LoRA dropout.

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from kalm import execute, experiment, hardware
+from kalm import execute, hardware, studies
 from kalm.config import REPO_ROOT, ConfigError, resolve
 from kalm.experiment import NOTEBOOK_PARAMETERS, notebook_config
+from kalm.results import publish
 from kalm.runs import Run
 
 DECLARED = {
@@ -23,12 +26,6 @@ DECLARED = {
     "retrain": False,
     "overrides": {},
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(experiment, "_session", {"retrain": False})
-    monkeypatch.setattr(experiment, "_retrained", set())
 
 
 def namespace(injected: str | None = None, **values: Any) -> dict[str, Any]:
@@ -44,7 +41,8 @@ def namespace(injected: str | None = None, **values: Any) -> dict[str, Any]:
 def test_declared_parameters_and_overrides_resolve() -> None:
     cfg = notebook_config(namespace("seed = 3\noverrides = {'lam': 0.5}\n"))
     assert (cfg.seed, cfg.train.lam, cfg.profile) == (3, 0.5, "smoke")
-    assert experiment._session["retrain"] is False
+    assert cfg.session.retrain is False and cfg.session.results_dir is None
+    assert cfg == resolve(profile="smoke", seed=3, lam=0.5)  # the session is not the run
 
 
 def test_an_undeclared_profile_field_is_rejected_with_the_way_to_pass_it() -> None:
@@ -75,9 +73,28 @@ def test_bad_parameter_values_are_named(values: dict[str, Any], message: str) ->
         notebook_config(namespace(**values))
 
 
-def test_retrain_applies_to_each_run_once_per_process() -> None:
-    notebook_config(namespace(retrain=True))
-    assert experiment._session["retrain"] is True
+def test_retrain_travels_with_the_configuration_not_the_module() -> None:
+    """``retrain`` reaches ``train_or_load`` through the configuration, its copies and the study
+    arms derived from it; another configuration of the same process is not affected."""
+    cfg = notebook_config(namespace(retrain=True))
+    assert cfg.session.retrain is True
+    assert replace(cfg, seed=1).session is cfg.session
+    assert studies.arm_config(cfg, {"lam": 0.1}).session is cfg.session
+    assert notebook_config(namespace()).session.retrain is False
+    assert resolve(profile="smoke").session.retrain is False
+    assert "session" not in cfg.as_dict()
+    assert cfg.train_key() == resolve(profile="smoke").train_key()
+
+
+def test_execute_may_inject_the_results_and_runs_directories(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    cfg = notebook_config(namespace(f"results_dir = {str(tmp_path)!r}\nruns_dir = {str(runs)!r}\n"))
+    assert (cfg.session.results_dir, cfg.session.runs_dir) == (tmp_path, runs)
+    assert publish("page", cfg, {"x": 1.0}) == tmp_path / "page.json"
+    assert Run.trained(cfg).path.parent == runs
+    assert Run.trained(studies.arm_config(cfg, {"lam": 0.1})).path.parent == runs
+    # Only as an injected parameter: a variable of that name in the notebook is not read.
+    assert notebook_config({**namespace(), "results_dir": "elsewhere"}).session.results_dir is None
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "notebooks").glob("*.ipynb")), ids=str)
@@ -120,7 +137,9 @@ def test_a_page_announces_the_training_it_will_do(
 def test_execute_retrain_trains_each_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, bool]] = []
     monkeypatch.setattr(
-        execute, "execute", lambda e, *, model, profile, retrain: calls.append((e.page, retrain))
+        execute,
+        "execute",
+        lambda e, *, model, profile, retrain, results_dir: calls.append((e.page, retrain)),
     )
     execute.main(["--profile", "smoke", "--retrain"])
     assert dict(calls) == {
@@ -235,3 +254,44 @@ def test_prose_of_an_executed_page_follows_its_source_without_a_rerun(tmp_path: 
         execute.refresh_prose(
             execute.Experiment("study", "lost"), executed=executed, notebooks=notebooks
         )
+
+
+def test_execute_passes_the_results_directory_as_a_parameter(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``--results-dir`` reaches the page as the parameter ``results_dir``, not through the
+    environment the kernel inherits; without it nothing is injected. A caller's run store goes
+    the same way (``runs_dir``)."""
+    import papermill
+
+    injected: list[dict[str, Any]] = []
+
+    def fake_execute(source: str, out: str, *, parameters: dict[str, Any], **_: Any) -> None:
+        injected.append(parameters)
+        Path(out).write_text(json.dumps({"cells": [], "metadata": {}}), encoding="utf-8")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    monkeypatch.setattr(execute, "REPO_ROOT", tmp_path)  # no page of the book is written
+    monkeypatch.setattr(execute, "NOTEBOOKS", tmp_path / "notebooks")
+    page = execute.execute
+
+    def into_tmp(experiment: execute.Experiment, **kwargs: Any) -> Path:
+        return page(experiment, **{**kwargs, "executed": tmp_path / "executed"})
+
+    monkeypatch.setattr(execute, "execute", into_tmp)  # main() writes no page of the book
+    monkeypatch.setattr(execute, "REGENERATION", tmp_path / "regeneration.md")
+    monkeypatch.setattr(hardware, "describe", lambda: "test")
+    monkeypatch.delenv("KALM_RESULTS_DIR", raising=False)
+    monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path / "runs"))
+    (tmp_path / "executed").mkdir()
+    assert execute.main(["lm", "--profile", "smoke", "--results-dir", str(tmp_path / "r")]) == 0
+    assert injected[-1]["results_dir"] == str(tmp_path / "r")
+    assert "KALM_RESULTS_DIR" not in os.environ
+    assert execute.main(["lm", "--profile", "smoke"]) == 0
+    assert "results_dir" not in injected[-1] and "runs_dir" not in injected[-1]
+    lm = next(e for e in execute.BOOK_EXPERIMENTS if e.page == "lm")
+    into_tmp(lm, profile="smoke", results_dir=tmp_path / "r", runs_dir=tmp_path / "runs")
+    assert (injected[-1]["results_dir"], injected[-1]["runs_dir"]) == (
+        str(tmp_path / "r"),
+        str(tmp_path / "runs"),
+    )

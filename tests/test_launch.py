@@ -132,6 +132,7 @@ def test_a_launch_of_another_size_is_refused(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_then_a_notebook_loads_the_run(
     llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

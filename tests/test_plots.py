@@ -52,8 +52,11 @@ def test_heatmaps_have_axis_labels() -> None:
     first, second = fig.axes[1], fig.axes[2]  # fig.axes[0] is the colorbar
     assert (first.get_xlabel(), first.get_ylabel()) == ("tail view", "head–relation view")
     assert (second.get_xlabel(), second.get_ylabel()) == ("tail view", "")
+    assert [ax.get_title() for ax in fig.axes[1:]] == ["untuned", "KaLM"]
+    assert fig.axes[0].get_ylabel() == "cosine similarity"
     plain = plots.similarity_heatmaps(mats)  # the former call keeps working, labelled generically
-    assert plain.axes[1].get_xlabel() and plain.axes[1].get_ylabel()
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in plain.axes[1:]]
+    assert labels == [("column j", "row i"), ("column j", "")]
 
 
 def test_wrap_labels_breaks_relation_paths_between_components() -> None:

@@ -8,7 +8,6 @@ in ``test_store.py``; the published folder is a temporary one, never the book's.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 from pathlib import Path
@@ -353,8 +352,9 @@ def test_verify_compares_every_number_within_the_stated_tolerance(
     rerun = {"mrr": 0.505, "n": 10}
 
     def execute_page(page: execute.Experiment, **kwargs: object) -> Path:
-        assert Path(os.environ["KALM_RUNS_DIR"]).parent == kwargs["executed"]  # an empty store
-        out = Path(os.environ["KALM_RESULTS_DIR"])
+        out = kwargs["results_dir"]
+        assert isinstance(out, Path) and out == kwargs["executed"]
+        assert kwargs["runs_dir"] == out / "runs"  # an empty store
         (out / "kgc.json").write_text(json.dumps({"model": "smollm2", "MRR": rerun["mrr"]}))
         notebook = glued(kgc_mrr=rerun["mrr"], kgc_n=rerun["n"], kgc_ex_per_s=9.0)
         (out / "kgc.ipynb").write_text(notebook)

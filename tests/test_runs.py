@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from helpers import read_only
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kalm.config import REPO_ROOT, resolve
+from kalm.config import REPO_ROOT, Session, resolve
 from kalm.durable import RunStoreError, StoreWarning
 from kalm.runs import Run, runs_dir
 
@@ -34,6 +35,10 @@ def test_runs_dir_default_and_override(tmp_path: Path, monkeypatch: pytest.Monke
     assert runs_dir() == tmp_path / "cache" / "runs"
     monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path))
     assert runs_dir() == tmp_path
+    cfg = resolve(profile="smoke")
+    chosen = replace(cfg, session=Session(runs_dir=tmp_path / "chosen"))
+    assert runs_dir(cfg) == tmp_path  # no session setting: the environment's
+    assert Run.trained(chosen).path.parent == Run.base(chosen).path.parent == tmp_path / "chosen"
 
 
 def test_trained_run_path_follows_the_train_key(store: Path) -> None:

@@ -23,6 +23,7 @@ from kalm.config import RunConfig, resolve
 from kalm.durable import RunStoreError, StoreWarning
 from kalm.runs import Run
 from kalm.trainer import Trainer, TrainingDiverged
+from kalm.views import ViewBuilder
 
 CFG_OVERRIDES = {"checkpoint_every": 2}
 CFG = {"profile": "smoke", **CFG_OVERRIDES}
@@ -32,7 +33,7 @@ CFG = {"profile": "smoke", **CFG_OVERRIDES}
 TRIPLES = [(i, 0, (i + 1) % 8) for i in range(8)] + [(i, 1, (i + 2) % 8) for i in range(0, 8, 2)]
 
 
-def tiny_load(cfg: RunConfig):
+def tiny_load(cfg: RunConfig, precision: str | None = None):
     tokenizer = smollm2_tokenizer()
     return tiny_llama(len(tokenizer)), tokenizer
 
@@ -276,6 +277,7 @@ def _train_concurrently(root: str, start, results) -> None:
     results.put((os.getpid(), len(fits), waited))
 
 
+@pytest.mark.slow
 def test_two_processes_of_one_configuration_train_once(store: Path) -> None:
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(2), ctx.Queue()
@@ -296,17 +298,43 @@ def test_two_processes_of_one_configuration_train_once(store: Path) -> None:
     assert json.loads(run.done_path.read_text())["steps"] == 4
 
 
-def test_the_retrain_parameter_retrains_each_run_once(
-    run: Run, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(experiment, "_session", {"retrain": False})
-    monkeypatch.setattr(experiment, "_retrained", set())
+def test_the_retrain_parameter_retrains_each_run_once(run: Run) -> None:
+    """Once per notebook session (the configuration notebook_config returned and its copies);
+    a new session with ``retrain=True`` retrains again, one with ``retrain=False`` loads."""
     marker = run.path / "metrics" / "marker.json"
     names = {"model": "smollm2", "dataset": "wn18rr", "profile": "smoke", "seed": 0}
-    cfg = experiment.notebook_config({**names, "retrain": True, "overrides": CFG_OVERRIDES})
-    for retrained in (True, False):
+
+    def session(retrain: bool) -> RunConfig:
+        return experiment.notebook_config({**names, "retrain": retrain, "overrides": CFG_OVERRIDES})
+
+    first = session(True)
+    calls = ((first, True), (first, False), (session(False), False), (session(True), True))
+    for cfg, retrained in calls:
         marker.parent.mkdir(exist_ok=True)
         marker.write_text("{}")
         experiment.train_or_load(cfg, progress=False)
         assert marker.exists() is not retrained
     assert len(run.done()["sessions"]) == 1
+
+
+def test_load_encoder_hands_out_the_runs_encoder(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call gives the tuned (or untuned) model's encoder with the run's views and batch
+    sizes, and its run; ``precision`` puts the same adapter on weights of another dtype."""
+
+    def load(cfg: RunConfig, precision: str | None = None):
+        model, tokenizer = tiny_load(cfg)
+        return model.to(torch.bfloat16 if precision == "bf16" else torch.float32), tokenizer
+
+    monkeypatch.setattr(experiment, "_load", load)
+    cfg = resolve(**CFG, query_batch_size=3, entity_batch_size=5)
+    encoder, got = experiment.load_encoder(cfg, progress=False)
+    assert got.path == run.path and hasattr(encoder.model, "peft_config")
+    views = ViewBuilder.from_config(toy_kg(TRIPLES), smollm2_tokenizer(), cfg)
+    assert encoder.views.tail_ids(range(8)) == views.tail_ids(range(8))
+    assert (encoder.query_batch_size, encoder.entity_batch_size) == (3, 5)
+    assert encoder.views.kg.num_entities == 8 and encoder.dtype == torch.float32
+    bf16, _ = experiment.load_encoder(cfg, precision="bf16", progress=False)
+    assert hasattr(bf16.model, "peft_config") and bf16.dtype == torch.bfloat16
+    base, base_run = experiment.load_encoder(cfg, tuned=False, progress=False)
+    assert base_run.path == Run.base(cfg).path and not hasattr(base.model, "peft_config")
+    assert len(run.done()["sessions"]) == 1  # loaded, never retrained

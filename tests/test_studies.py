@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from helpers import smollm2_tokenizer, tiny_llama, toy_kg
 
 from kalm import experiment, studies
 from kalm.config import ConfigError, RunConfig, resolve
-from kalm.results import publish
+from kalm.results import BOOK_RESULTS, publish
 from kalm.studies import arm_config, choose, lambda_arms, lambda_choice, tuning_choice
 
 
@@ -123,6 +124,29 @@ def test_tuned_settings_apply_the_rule_to_the_tuning_record(
     assert studies.tuning_record(cfg) is None
 
 
+def test_arm_labels_are_the_ones_the_published_records_carry() -> None:
+    """Pages read arms by the library's labels, so the labels must stay those of the book's
+    records (whose keys are record_key(label, column))."""
+    assert [arm.label for arm in studies.self_negative_arms()] == [
+        studies.IN_BATCH_ONLY,
+        studies.SELF_NEGATIVES_CONSTANT,
+        studies.SELF_NEGATIVES_TRAINED,
+    ]
+    for page, labels in (
+        ("lam", [studies.lambda_label(lam) for lam in studies.LAMBDAS]),
+        ("tuning", [arm.label for arm in studies.tuning_arms()]),
+    ):
+        record = json.loads((BOOK_RESULTS / f"{page}.json").read_text())
+        for label in labels:
+            assert studies.record_key(label, "MRR") in record, (page, label)
+
+
+def test_arm_record_keys_every_arm_and_column() -> None:
+    rows = {"λ = 0": {"MRR": 0.25, "Hits@1": 0.125}, "λ = 1": {"MRR": 0.5, "Hits@1": 0.25}}
+    assert studies.arm_record(table(rows), ["MRR"]) == {"λ = 0: MRR": 0.25, "λ = 1: MRR": 0.5}
+    assert len(studies.arm_record(table(rows), ["MRR", "Hits@1"])) == 4
+
+
 def test_arm_config_keeps_a_local_model(llama_dir: Path) -> None:
     """A study of a model directory (no alias of the configuration) runs on that directory."""
     cfg = resolve(model=llama_dir, profile="smoke")
@@ -175,7 +199,9 @@ def test_an_arm_counts_the_examples_of_its_global_batch(
     process): arms of different batch shapes report the same study budget."""
     tokenizer = smollm2_tokenizer()
     kg = toy_kg(TRIPLES, valid=TRIPLES[:4])
-    monkeypatch.setattr(experiment, "_load", lambda cfg: (tiny_llama(len(tokenizer)), tokenizer))
+    monkeypatch.setattr(
+        experiment, "_load", lambda cfg, precision=None: (tiny_llama(len(tokenizer)), tokenizer)
+    )
     monkeypatch.setattr(experiment, "load_kg", lambda name: kg)
     monkeypatch.setattr(studies, "load_kg", lambda name: kg)
     cfg = resolve(profile="smoke", gradient_accumulation_steps=2, study_examples=16)

@@ -124,7 +124,22 @@ def test_kgc_summary_table_names_directions_and_counts() -> None:
 
 
 def test_repeated_row_labels_are_renumbered_when_hidden() -> None:
-    df = pd.DataFrame({"a": [1, 2, 3]}, index=[0, 0, 1])
-    assert "<td" in styled_table(df, hide_index=True).to_html()
+    """Hidden repeated labels (a paper row and this run's, concatenated) become 0..n-1, so each
+    row keeps its own values and its own style: the paper row muted, a rule above the next."""
+    sources = ["paper", "this run", "this run"]
+    df = pd.DataFrame({"a": [1, 2, 3], "source": sources}, index=[0, 0, 1])
+    styler = styled_table(df, hide_index=True)
+    assert list(styler.data.index) == [0, 1, 2]
+    cell = r'<td id="[^"]*_row(\d)_col\d" class="([^"]*)" >([^<]*)</td>'
+    cells = re.findall(cell, styler.to_html())
+    rows = [(int(r), set(c.split()) - {"data", f"row{r}"}, v) for r, c, v in cells]
+    assert rows == [
+        (0, {"col0", "paper", "num"}, "1"),
+        (0, {"col1", "paper"}, "paper"),
+        (1, {"col0", "group-start", "num"}, "2"),
+        (1, {"col1", "group-start"}, "this run"),
+        (2, {"col0", "num"}, "3"),
+        (2, {"col1"}, "this run"),
+    ]
     with pytest.raises(ValueError, match="repeat"):
         styled_table(df)

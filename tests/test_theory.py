@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from kalm import analysis, theory
+from kalm.config import resolve
 
 SMALL = {"ns": (10, 100, 1000), "dim": 16, "n_queries": 64, "pool_size": 50_000}
 
@@ -124,3 +126,18 @@ def test_spectral_bounds(w):
     assert lower <= sigma + 1e-9  # any matrix
     lower, sigma, upper = theory.spectral_check(np.abs(w))  # entries in [0, 1]
     assert lower <= sigma + 1e-9 <= upper + 2e-9
+
+
+def test_profile_sizes_are_keywords_of_the_checks():
+    """A page runs the checks at its profile's sizes without naming the fields itself."""
+    ev = resolve(profile="cpu", theorem1_dim=24, descent_steps=7).eval
+    thm1, descent = theory.theorem1_sizes(ev), theory.descent_sizes(ev)
+    assert set(thm1) <= set(inspect.signature(theory.theorem1_gap).parameters)
+    assert set(descent) <= set(inspect.signature(theory.descent_experiment).parameters)
+    assert (thm1["ns"], thm1["dim"], thm1["n_queries"], thm1["pool_size"]) == (
+        ev.theorem1_negatives,
+        24,
+        ev.theorem1_queries,
+        ev.theorem1_pool,
+    )
+    assert descent == {"n": ev.descent_rows, "d": ev.descent_dim, "steps": 7}

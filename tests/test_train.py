@@ -55,6 +55,7 @@ def test_lora_weights_change_after_one_step(tokenizer, kg, tmp_path):
     assert frozen == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_is_exact(tokenizer, kg, tmp_path, precision):
     cfg = smoke_cfg(lora_dropout=0.1, checkpoint_every=1, max_steps=4, precision=precision)
@@ -184,6 +185,7 @@ def test_step_is_one_optimiser_step(tokenizer, kg, tmp_path):
     assert all(p.grad is None for p in trainer.peft_model.parameters())  # gradients cleared
 
 
+@pytest.mark.slow
 def test_smoke_profile_lowers_the_loss_of_smollm2(kg, tmp_path):
     model, tokenizer = load_model("smollm2")
     cfg = smoke_cfg(max_steps=6, lora_dropout=0.0, train_subset=16, lm_fraction=0.25)
@@ -224,6 +226,7 @@ def _gathered_worker(rank: int, world: int, port: int, hr: torch.Tensor, t: torc
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gathered_negatives_match_one_process_on_the_whole_batch():
     torch.manual_seed(0)
     hr, t = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
@@ -244,6 +247,7 @@ def test_gathered_negatives_match_one_process_on_the_whole_batch():
         torch.testing.assert_close(g_t, full_t.grad[part])
 
 
+@pytest.mark.slow
 def test_trained_self_negatives_change_the_gradient_not_the_loss(tokenizer, kg, tmp_path):
     """Trained through (SimKGC), the head's view gets a gradient; as a constant it does not.
     Both compute the same loss, and both log the self-negative diagnostics."""
