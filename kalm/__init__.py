@@ -27,6 +27,7 @@ _SUBMODULES = (
     "hardware",
     "losses",
     "models",
+    "pages",
     "paper",
     "plots",
     "prompts",

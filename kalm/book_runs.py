@@ -1,7 +1,7 @@
 """The runs of the book's pages: ``python -m kalm.execute --plan``, ``--publish`` and ``--verify``.
 
 :mod:`kalm.published` keeps one run in ``book/runs/``; this module applies it to the pages of
-:data:`~kalm.execute.BOOK_EXPERIMENTS`: which runs a page uses, where each stands (published, in
+:data:`~kalm.pages.BOOK_EXPERIMENTS`: which runs a page uses, where each stands (published, in
 the run store, to be trained and for about how long), publishing them, and re-executing pages
 from the published runs to check the book's numbers.
 """
@@ -18,8 +18,8 @@ from typing import Any
 
 from kalm.config import RunConfig
 from kalm.durable import RunStoreError, read_json
-from kalm.execute import EXECUTED, Experiment, execute, page_config
 from kalm.hardware import describe
+from kalm.pages import EXECUTED, Experiment, execute, page_config
 from kalm.published import (
     VERIFY_TOLERANCE,
     PublishError,

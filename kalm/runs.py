@@ -68,7 +68,7 @@ _DERIVED = ("cache/*", "metrics/*")
 
 def runs_dir(cfg: RunConfig | None = None) -> Path:
     """Root of the run store: ``cfg.session.runs_dir`` (the page parameter ``runs_dir`` that
-    :func:`kalm.execute.execute` injects), else ``KALM_RUNS_DIR``, else ``runs/`` in the user
+    :func:`kalm.pages.execute` injects), else ``KALM_RUNS_DIR``, else ``runs/`` in the user
     cache (``~/.cache/kalm/runs``), outside the working tree so that laying it anew loses no
     run."""
     if cfg is not None and cfg.session.runs_dir is not None:

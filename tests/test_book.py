@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from kalm.config import REPO_ROOT
-from kalm.execute import BOOK_EXPERIMENTS
+from kalm.pages import BOOK_EXPERIMENTS
 
 BOOK = REPO_ROOT / "book"
 EXPERIMENTS = tuple(e.page for e in BOOK_EXPERIMENTS)

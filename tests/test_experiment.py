@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from kalm import execute, hardware, studies
+from kalm import execute, hardware, pages, studies
 from kalm.config import REPO_ROOT, ConfigError, resolve
 from kalm.experiment import NOTEBOOK_PARAMETERS, notebook_config
 from kalm.results import publish
@@ -116,28 +116,28 @@ def test_a_page_announces_the_training_it_will_do(
     monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path))
     cfg = resolve(profile="smoke")
     run = Run.trained(cfg)
-    plan = execute.training_plan(cfg)
+    plan = pages.training_plan(cfg)
     assert plan is not None
     assert f"trains {run.path.name}: {cfg.train.max_steps} steps of 8 examples in fp32" in plan
     assert str(run.train_log_path) in plan
-    assert "20 epochs in bf16" in execute.training_plan(resolve("llama2", profile="paper"))
+    assert "20 epochs in bf16" in pages.training_plan(resolve("llama2", profile="paper"))
     run.path.mkdir(parents=True)
     torch.save({"step": 3}, run.checkpoint_path)  # a regeneration interrupted at step 3
     assert f"examples in fp32, resuming at step 3; progress: {run.train_log_path}" in (
-        execute.training_plan(cfg) or ""
+        pages.training_plan(cfg) or ""
     )
-    assert execute.training_plan(cfg, retrain=True) == plan  # retraining starts at step 0
+    assert pages.training_plan(cfg, retrain=True) == plan  # retraining starts at step 0
     run.checkpoint_path.write_bytes(b"torn")
-    assert execute.training_plan(cfg) == plan
+    assert pages.training_plan(cfg) == plan
     monkeypatch.setattr(Run, "finished_record", lambda self: {"steps": cfg.train.max_steps})
-    assert execute.training_plan(cfg) is None
-    assert execute.training_plan(cfg, retrain=True) == plan
+    assert pages.training_plan(cfg) is None
+    assert pages.training_plan(cfg, retrain=True) == plan
 
 
 def test_execute_retrain_trains_each_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, bool]] = []
     monkeypatch.setattr(
-        execute,
+        pages,
         "execute",
         lambda e, *, model, profile, retrain, results_dir: calls.append((e.page, retrain)),
     )
@@ -176,13 +176,13 @@ def test_executed_pages_record_their_precision_and_hardware(
             json.dumps({"cells": [], "metadata": {"papermill": papermill}}), encoding="utf-8"
         )
     monkeypatch.setattr(hardware, "describe", lambda: "2 CPU cores, no native bf16")
-    execute.record_provenance(tmp_path / "kgc.ipynb", resolve(profile="smoke"))
+    pages.record_provenance(tmp_path / "kgc.ipynb", resolve(profile="smoke"))
     kgc = json.loads((tmp_path / "kgc.ipynb").read_text(encoding="utf-8"))
     assert kgc["metadata"]["kalm"] == {
         "precision": "fp32",
         "hardware": "2 CPU cores, no native bf16",
     }
-    rows = execute.regeneration_table(tmp_path).splitlines()
+    rows = pages.regeneration_table(tmp_path).splitlines()
     assert (
         "| kgc | make book | smoke | fp32 | 2 CPU cores, no native bf16 | 1.5 | 2026-12-02 |"
         in rows
@@ -207,7 +207,7 @@ def _notebook(*cells: tuple[str, str, list[str]]) -> dict[str, Any]:
 def test_prose_of_an_executed_page_follows_its_source_without_a_rerun(tmp_path: Path) -> None:
     """Markdown edits reach the executed copy with every output kept; a code edit is refused
     with the command that re-executes the page; an unchanged page stays byte for byte."""
-    page = execute.Experiment("study", "study")
+    page = pages.Experiment("study", "study")
     executed, notebooks = tmp_path / "executed", tmp_path / "notebooks"
     executed.mkdir(), notebooks.mkdir()
     ran = _notebook(
@@ -229,7 +229,7 @@ def test_prose_of_an_executed_page_follows_its_source_without_a_rerun(tmp_path: 
         cell.pop("outputs", None)
     (notebooks / "study.ipynb").write_text(json.dumps(source), encoding="utf-8")
 
-    path = execute.refresh_prose(page, executed=executed, notebooks=notebooks)
+    path = pages.refresh_prose(page, executed=executed, notebooks=notebooks)
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     assert [c["source"] for c in cells] == [
         "# New title",
@@ -243,16 +243,16 @@ def test_prose_of_an_executed_page_follows_its_source_without_a_rerun(tmp_path: 
         [{"output_type": "stream", "text": "ran"}]
     ] * 3
     before = path.read_bytes()
-    execute.refresh_prose(page, executed=executed, notebooks=notebooks)
+    pages.refresh_prose(page, executed=executed, notebooks=notebooks)
     assert path.read_bytes() == before
 
     source["cells"][2]["source"] = "print(x + 1)"
     (notebooks / "study.ipynb").write_text(json.dumps(source), encoding="utf-8")
     with pytest.raises(ValueError, match=r"re-execute it with `python -m kalm.execute study`"):
-        execute.refresh_prose(page, executed=executed, notebooks=notebooks)
+        pages.refresh_prose(page, executed=executed, notebooks=notebooks)
     with pytest.raises(ValueError, match=r"missing: run `python -m kalm.execute lost`"):
-        execute.refresh_prose(
-            execute.Experiment("study", "lost"), executed=executed, notebooks=notebooks
+        pages.refresh_prose(
+            pages.Experiment("study", "lost"), executed=executed, notebooks=notebooks
         )
 
 
@@ -271,15 +271,15 @@ def test_execute_passes_the_results_directory_as_a_parameter(
         Path(out).write_text(json.dumps({"cells": [], "metadata": {}}), encoding="utf-8")
 
     monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
-    monkeypatch.setattr(execute, "REPO_ROOT", tmp_path)  # no page of the book is written
-    monkeypatch.setattr(execute, "NOTEBOOKS", tmp_path / "notebooks")
-    page = execute.execute
+    monkeypatch.setattr(pages, "REPO_ROOT", tmp_path)  # no page of the book is written
+    monkeypatch.setattr(pages, "NOTEBOOKS", tmp_path / "notebooks")
+    page = pages.execute
 
-    def into_tmp(experiment: execute.Experiment, **kwargs: Any) -> Path:
+    def into_tmp(experiment: pages.Experiment, **kwargs: Any) -> Path:
         return page(experiment, **{**kwargs, "executed": tmp_path / "executed"})
 
-    monkeypatch.setattr(execute, "execute", into_tmp)  # main() writes no page of the book
-    monkeypatch.setattr(execute, "REGENERATION", tmp_path / "regeneration.md")
+    monkeypatch.setattr(pages, "execute", into_tmp)  # main() writes no page of the book
+    monkeypatch.setattr(pages, "REGENERATION", tmp_path / "regeneration.md")
     monkeypatch.setattr(hardware, "describe", lambda: "test")
     monkeypatch.delenv("KALM_RESULTS_DIR", raising=False)
     monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path / "runs"))
@@ -289,7 +289,7 @@ def test_execute_passes_the_results_directory_as_a_parameter(
     assert "KALM_RESULTS_DIR" not in os.environ
     assert execute.main(["lm", "--profile", "smoke"]) == 0
     assert "results_dir" not in injected[-1] and "runs_dir" not in injected[-1]
-    lm = next(e for e in execute.BOOK_EXPERIMENTS if e.page == "lm")
+    lm = next(e for e in pages.BOOK_EXPERIMENTS if e.page == "lm")
     into_tmp(lm, profile="smoke", results_dir=tmp_path / "r", runs_dir=tmp_path / "runs")
     assert (injected[-1]["results_dir"], injected[-1]["runs_dir"]) == (
         str(tmp_path / "r"),

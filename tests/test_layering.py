@@ -1,9 +1,10 @@
 """The import layering of the library, read from the source (no imports executed).
 
 Evaluation and analysis sit beside training, below the experiment module that loads and trains
-models, the studies (arms of short runs) above it, and the training command line
-(``kalm.train``, run as ``python -m kalm.train``) on top, imported by no module; the run store
-only stores. A module importing upwards fails here with its line.
+models, the studies (arms of short runs) above it, and the command lines (``kalm.train`` and
+``kalm.execute``, run with ``python -m``) on top, imported by no module; the run store only
+stores. A module importing upwards fails here with its line, and no chain of imports (lazy ones
+included) leads from a module back to itself.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ LEAVES = ("hardware", "weights")
 
 # module (or package prefix) -> kalm modules it must never import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "kalm": ("kalm.train",),  # the command line: `python -m kalm.train` runs it, none imports it
-    "kalm.evaluate": ("kalm.experiment", "kalm.trainer", "kalm.execute", "kalm.studies"),
-    "kalm.analysis": ("kalm.experiment", "kalm.trainer", "kalm.execute", "kalm.studies"),
+    # the command lines: `python -m` runs them, none imports them (so kalm.pages and
+    # kalm.book_runs, the book's pages and their runs, sit below `python -m kalm.execute`)
+    "kalm": ("kalm.train", "kalm.execute"),
+    "kalm.evaluate": ("kalm.experiment", "kalm.trainer", "kalm.pages", "kalm.studies"),
+    "kalm.analysis": ("kalm.experiment", "kalm.trainer", "kalm.pages", "kalm.studies"),
     "kalm.runs": (
         "kalm.experiment",
         "kalm.trainer",
@@ -31,13 +34,13 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "kalm.evaluate",
         "kalm.encoder",
     ),
-    "kalm.trainer": ("kalm.experiment", "kalm.evaluate", "kalm.execute", "kalm.studies"),
-    "kalm.experiment": ("kalm.execute", "kalm.studies", "kalm.book_runs"),
+    "kalm.trainer": ("kalm.experiment", "kalm.evaluate", "kalm.pages", "kalm.studies"),
+    "kalm.experiment": ("kalm.pages", "kalm.studies", "kalm.book_runs"),
     "kalm.published": (
         "kalm.experiment",
         "kalm.trainer",
         "kalm.models",
-        "kalm.execute",
+        "kalm.pages",
         "kalm.studies",
         "kalm.book_runs",
     ),
@@ -55,8 +58,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 }
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -99,3 +102,53 @@ def test_the_checker_refuses_an_import_of_the_command_line(tmp_path: Path) -> No
     source = tmp_path / "m.py"
     source.write_text("if __name__ == '__main__':\n    from kalm import train\n")
     assert (2, "kalm.train") in kalm_imports(source)
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """module -> the modules of ``package`` it imports (at module level or in a function)."""
+    names = {module_name(path, package): path for path in sorted(package.rglob("*.py"))}
+    return {
+        name: {target for _, target in kalm_imports(path) if target in names and target != name}
+        for name, path in names.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A chain of imports that returns to its first module (``[a, b, a]``), or None."""
+    done: set[str] = set()
+
+    def visit(name: str, chain: list[str]) -> list[str] | None:
+        if name in chain:
+            return [*chain[chain.index(name) :], name]
+        if name in done:
+            return None
+        for target in sorted(graph[name]):
+            cycle = visit(target, [*chain, name])
+            if cycle:
+                return cycle
+        done.add(name)
+        return None
+
+    return next((c for c in (visit(name, []) for name in sorted(graph)) if c), None)
+
+
+def test_no_import_cycle() -> None:
+    """A cycle works only while its lazy import stays lazy, and the layering above then has no
+    top: the module that depends on the other must be the one that imports it."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, (
+        f"import cycle {' -> '.join(cycle or [])}: move what the lower module needs out of the "
+        "upper one"
+    )
+
+
+def test_the_checker_finds_a_cycle_through_a_lazy_import(tmp_path: Path) -> None:
+    package = tmp_path / "kalm"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "low.py").write_text("from kalm.high import main\n")
+    (package / "high.py").write_text("def main():\n    from kalm import low\n")
+    (package / "side.py").write_text("from kalm import low\n")
+    assert find_cycle(import_graph(package)) == ["kalm.high", "kalm.low", "kalm.high"]
+    (package / "high.py").write_text("def main():\n    pass\n")
+    assert find_cycle(import_graph(package)) is None

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kalm.execute import (
+from kalm.pages import (
     BOOK_EXPERIMENTS,
     EXECUTED,
     REGENERATION,

@@ -17,7 +17,7 @@ import torch
 from peft import get_peft_model_state_dict
 from test_store import _pause, tiny_experiment
 
-from kalm import book_runs, execute, experiment, published
+from kalm import book_runs, execute, experiment, pages, published
 from kalm.config import REPO_ROOT, RunConfig, resolve
 from kalm.durable import RunStoreError
 from kalm.published import PublishedRun, PublishError, locate, publish
@@ -128,7 +128,7 @@ def test_a_tampered_published_file_is_named(shelf: Path, monkeypatch: pytest.Mon
     assert message.startswith(f"{weights.parent.parent}: file adapter/adapter_model.safetensors")
     assert "differs from its sha256 in done.json" in message and "git checkout" in message
     with pytest.raises(RunStoreError, match=r"adapter_model\.safetensors differs"):
-        execute.training_plan(cfg)  # a regeneration stops before its first page
+        pages.training_plan(cfg)  # a regeneration stops before its first page
 
 
 def test_a_different_key_never_matches(shelf: Path) -> None:
@@ -145,8 +145,8 @@ def test_a_different_key_never_matches(shelf: Path) -> None:
 def test_plan_of_a_fresh_store_names_the_published_runs(
     shelf: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    kgc = next(e for e in execute.BOOK_EXPERIMENTS if e.page == "kgc")
-    cfg = execute.page_config(kgc, profile="smoke")
+    kgc = next(e for e in pages.BOOK_EXPERIMENTS if e.page == "kgc")
+    cfg = pages.page_config(kgc, profile="smoke")
     experiment.train_or_load(cfg, progress=False)
     name = Run.trained(cfg).path.name
     assert execute.main(["--publish", "kgc", "kgc_fb15k237", "--profile", "smoke"]) == 0
@@ -161,7 +161,7 @@ def test_plan_of_a_fresh_store_names_the_published_runs(
     assert lines["similarity"] == f"{name}: the run of the page kgc (above)"
     assert "to be trained: 4 steps of 8 examples in fp32, no estimate" in lines["kgc_fb15k237"]
     assert not Run.trained(cfg).path.exists()  # the plan wrote nothing
-    assert execute.training_plan(cfg) == f"   loads the published run {shelf / name}"
+    assert pages.training_plan(cfg) == f"   loads the published run {shelf / name}"
 
 
 def test_the_plan_estimates_from_the_runs_own_log(shelf: Path) -> None:
@@ -233,7 +233,7 @@ def test_a_published_checkpoint_resumes_bitwise_in_an_empty_store(
     monkeypatch.setenv("KALM_RUNS_DIR", str(tmp_path / "second machine"))
     fresh = Run.trained(cfg)
     assert published.run_state(fresh) == ("published checkpoint", 2)
-    assert "resuming at step 2 of its published checkpoint" in execute.training_plan(cfg)
+    assert "resuming at step 2 of its published checkpoint" in pages.training_plan(cfg)
     fits: list[int] = []
     real = Trainer.fit
 
@@ -338,8 +338,8 @@ def test_verify_compares_every_number_within_the_stated_tolerance(
 ) -> None:
     """The page's record and the numbers glued into its executed copy are compared with the
     book's; glued speeds measure the machine and are left out."""
-    kgc = next(e for e in execute.BOOK_EXPERIMENTS if e.page == "kgc")
-    cfg = execute.page_config(kgc, profile="smoke")
+    kgc = next(e for e in pages.BOOK_EXPERIMENTS if e.page == "kgc")
+    cfg = pages.page_config(kgc, profile="smoke")
     book = {"reference": tmp_path / "results", "executed": tmp_path / "pages"}
     for folder in book.values():
         folder.mkdir()
@@ -351,7 +351,7 @@ def test_verify_compares_every_number_within_the_stated_tolerance(
     publish(cfg, hardware=HARDWARE, commit="0123abc")
     rerun = {"mrr": 0.505, "n": 10}
 
-    def execute_page(page: execute.Experiment, **kwargs: object) -> Path:
+    def execute_page(page: pages.Experiment, **kwargs: object) -> Path:
         out = kwargs["results_dir"]
         assert isinstance(out, Path) and out == kwargs["executed"]
         assert kwargs["runs_dir"] == out / "runs"  # an empty store

@@ -77,7 +77,9 @@ def test_study_examples_are_counted_in_global_batches() -> None:
     micro-batches × processes), and the setting's meaning says so."""
     from kalm.studies import arm_config
 
-    cfg = resolve(profile="smoke", gradient_accumulation_steps=2)
+    # a budget of several global batches, so that the arm's batch is not cut to the budget
+    cfg = resolve(profile="smoke", gradient_accumulation_steps=2, study_examples=64)
     steps = arm_config(cfg, {}).train.max_steps
+    assert steps > 1
     assert steps == cfg.eval.study_examples // cfg.train.global_batch_size
     assert "global batch" in MEANINGS["study_examples"]
