@@ -178,8 +178,7 @@ def profile(w: Workload) -> dict[str, Any]:
     batch = trainer.collate(
         next(iterate_batches(trainer.lengths, trainer.tcfg.batch_size, trainer.cfg.seed))[1]
     )
-    trainer.step(batch)
-    wall = min(trainer.step(batch).seconds["total"] for _ in range(2))
+    wall = trainer.step(batch).seconds["total"]
     config = trainer.peft_model.config
     print(f"  one bf16 step of {len(batch)} triples ({wall:.2f} s), by part:")
     result = step_shares(
@@ -247,7 +246,7 @@ def speedup_vs_before(quick: bool) -> dict[str, Any]:
     both see the same load; every round resumes its side's run directory, so the rounds make
     one curve of ``rounds x steps`` steps. Examples/s is over all steps of a side.
     """
-    rounds, steps = (1, 2) if quick else (3, 10)
+    rounds, steps = (1, 2) if quick else (2, 4)
     settings = {**SETTINGS, "max_steps": rounds * steps}
     with tempfile.TemporaryDirectory(prefix="kalm-before-") as tmp:
         trees = {"before": _before_tree(Path(tmp)), "after": ROOT}
@@ -303,13 +302,13 @@ def run(w: Workload, quick: bool) -> dict[str, Any]:
     """At :data:`SETTINGS`: examples/s and MFU of the same steps in fp32 and bf16, each choice of
     the fast step on and off, a by-part profile of one bf16 step, and the speed-up over the
     code before the fast step (with the two loss curves)."""
-    steps = 1 if quick else 3
+    before = speedup_vs_before(quick)
+    steps = 1 if quick else 2
     arms = {p: measure(w, p, steps) for p in PRECISIONS}
     speedup = arms["bf16"]["triples_per_s"] / arms["fp32"]["triples_per_s"]
     print(f"  bf16 / fp32: {speedup:.2f}x triples/s")
-    picked = {p: choices(w, p, 1 if quick else 2) for p in PRECISIONS}
     shares = profile(w)
-    before = speedup_vs_before(quick)
+    picked = {p: choices(w, p, 1) for p in PRECISIONS}
     return {
         "settings": {**SETTINGS, "precision": "bf16 and fp32 (profile: bf16)"},
         "native_bf16": cpu_has_native_bf16(),
