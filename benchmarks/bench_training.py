@@ -202,9 +202,10 @@ def profile(w: Workload) -> dict[str, Any]:
 
 
 def _before_tree(directory: Path) -> Path:
-    """The library as it was at :data:`BEFORE_COMMIT`, exported (no worktree is made)."""
+    """The library and its configuration as they were at :data:`BEFORE_COMMIT`, exported (no
+    worktree is made)."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", BEFORE_COMMIT, "kalm"],
+        ["git", "-C", str(ROOT), "archive", BEFORE_COMMIT, "kalm", "_config.yml"],
         check=True,
         capture_output=True,
     ).stdout

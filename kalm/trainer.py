@@ -419,7 +419,11 @@ class Trainer:
                 if self.diagnostics:
                     diagnosed.append(self.diagnostics)
                 t1 = time.perf_counter()
-                with mixed_precision_backward(self.peft_model):
+                # Gradient checkpointing recomputes the forward here: with the same attention.
+                with (
+                    mixed_precision_backward(self.peft_model),
+                    attention_implementation(self.peft_model, self.attention),
+                ):
                     self.accelerator.backward(parts["total"] / len(micro))
             seconds["forward"] += t1 - t0
             seconds["backward"] += time.perf_counter() - t1
