@@ -137,8 +137,8 @@ def measure(w: Workload, precision: str, steps: int) -> dict[str, Any]:
 
 
 def choices(w: Workload, precision: str, steps: int) -> dict[str, Any]:
-    """Each choice of the fast step on and off, side by side on the same batches: eager vs the
-    model's ``sdpa`` attention, and the views in one forward vs one forward each.
+    """Each choice of the fast step against its alternative, side by side on the same batches:
+    eager vs the model's ``sdpa`` attention, and one forward per view vs one for all views.
 
     The arms alternate over two rounds and each keeps its faster round (the one less disturbed
     by other jobs); the ratios are examples/s of the fast step over the arm.
@@ -148,19 +148,19 @@ def choices(w: Workload, precision: str, steps: int) -> dict[str, Any]:
     batches = iterate_batches(trainer.lengths, trainer.tcfg.batch_size, trainer.cfg.seed)
     fixed = [trainer.collate(next(batches)[1]) for _ in range(steps)]
     trainer.step(fixed[0])
-    attention = trainer.attention
+    attention, merged = trainer.attention, module.merge_views
     arms = {
-        "fast": (attention, True),
-        "sdpa_attention": (None, True),
-        "separate_views": (attention, False),
+        "fast": (attention, merged),
+        "sdpa_attention": (None, merged),
+        "merged_views" if not merged else "separate_views": (attention, not merged),
     }
     best = dict.fromkeys(arms, float("inf"))
     for _ in range(2):
-        for name, (attn, merged) in arms.items():
-            trainer.attention, module.merge_views = attn, merged
+        for name, (attn, merge) in arms.items():
+            trainer.attention, module.merge_views = attn, merge
             seconds = sum(trainer.step(b).seconds["total"] for b in fixed)
             best[name] = min(best[name], seconds)
-    trainer.attention, module.merge_views = attention, True
+    trainer.attention, module.merge_views = attention, merged
     examples = sum(len(b) for b in fixed)
     rates = {name: round(examples / s, 3) for name, s in best.items()}
     print(f"  {precision} examples/s by choice: {rates}")
@@ -188,15 +188,15 @@ def profile(w: Workload) -> dict[str, Any]:
         rank=trainer.tcfg.lora_r,
         batch=len(batch),
     )
-    views = [batch.hr, batch.tail, batch.self_negative]
-    width = max(v.input_ids.shape[1] for v in views if v is not None)
-    merged = sum(len(v.input_ids) * width for v in views if v is not None)
-    lm = (0 if batch.lm is None else batch.lm.input_ids.numel()) + (
-        0 if batch.lm_prefix is None else batch.lm_prefix.numel()
-    )
-    head = 0 if batch.self_negative is None else len(batch.self_negative.input_ids) * width
+    views = [v for v in (batch.hr, batch.tail, batch.self_negative, batch.lm) if v is not None]
+    tokens = sum(v.input_ids.numel() for v in views)
+    if trainer.accelerator.unwrap_model(trainer.module).merge_views:
+        width = max(v.input_ids.shape[1] for v in views[:3])
+        tokens = sum(len(v.input_ids) * width for v in views[:3]) + views[-1].input_ids.numel()
+    tokens += 0 if batch.lm_prefix is None else batch.lm_prefix.numel()
+    head = 0 if batch.self_negative is None else batch.self_negative.input_ids.numel()
     body = sum(result["shares"][p] for p in ("base_linears", "lora", "attention"))
-    result["self_negative_pass"] = round(body * head / (merged + lm), 4)
+    result["self_negative_pass"] = round(body * head / tokens, 4)
     print(f"    {result['self_negative_pass']:6.1%}  of which the self-negative views (est.)")
     return result
 

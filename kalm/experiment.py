@@ -52,9 +52,7 @@ _retrained: set[Path] = set()
 
 
 def _load(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return load_model(
-        cfg.model, precision=cfg.train.precision, load_in_8bit=cfg.train.load_in_8bit
-    )
+    return load_model(cfg.model, precision=cfg.train.precision, load_in_8bit=cfg.train.load_in_8bit)
 
 
 def load_base(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Run]:

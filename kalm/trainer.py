@@ -142,12 +142,14 @@ class KaLMModule(nn.Module):
     """One forward for a whole KaLM step: hr view, tail view and, optionally, the LM prompt and
     the heads' tail views (self-negatives trained through, as in SimKGC).
 
-    The views run as one batch through the decoder (:func:`~kalm.models.embed_views`) when
-    ``merge_views`` is set (the default), each as a batch of its own otherwise: the same
-    embeddings, and the switch lets ``benchmarks/bench_profile.py`` time both.
+    The views run each as a batch of its own, or as one batch through the decoder
+    (:func:`~kalm.models.embed_views`) when ``merge_views`` is set: the same embeddings. One
+    batch makes a third of the operator calls, but padding every view to the widest one
+    computes ~18% more tokens, and ``benchmarks/bench_training.py`` measured it slower in both
+    precisions on the CPU, so it is off; the benchmark times both.
     """
 
-    merge_views: bool = True
+    merge_views: bool = False
 
     def __init__(self, model: PeftModel, learnable_tau: bool, tau: float):
         super().__init__()
