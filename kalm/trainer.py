@@ -145,8 +145,10 @@ class KaLMModule(nn.Module):
     The views run each as a batch of its own, or as one batch through the decoder
     (:func:`~kalm.models.embed_views`) when ``merge_views`` is set: the same embeddings. One
     batch makes a third of the operator calls, but padding every view to the widest one
-    computes ~18% more tokens, and ``benchmarks/bench_training.py`` measured it slower in both
-    precisions on the CPU, so it is off; the benchmark times both.
+    computes ~18% more tokens. ``benchmarks/bench_training.py`` times both: on the CPU it was
+    slower in three of four side-by-side measurements (fp32 twice, bf16 once) and faster in one
+    (bf16), within the noise of a shared machine, so it stays off until a quiet measurement
+    says otherwise.
     """
 
     merge_views: bool = False
