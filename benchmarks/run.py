@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from bench_common import (
+    BEFORE_SPEEDUP_TARGET,
     ENCODING_MFU_TARGET,
     FULL_EVAL_MINUTES,
     PADDING_TARGET,
@@ -28,6 +29,7 @@ from bench_common import (
     SPEEDUP_TARGET,
     THREADS,
     TRAINING_MFU_TARGET,
+    TRAINING_SPEEDUP_TARGET,
     Workload,
     measure_load,
     save,
@@ -97,9 +99,24 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         )
     if "training" in results:
         tr = results["training"]
-        at_least("training bf16 / fp32", SPEEDUP_TARGET, tr["bf16_speedup"], "{:.1f}x")
+        at_least("training bf16 / fp32", TRAINING_SPEEDUP_TARGET, tr["bf16_speedup"], "{:.2f}x")
         mfu = tr["bf16"]["mfu"]["bf16"]
         at_least("training step MFU, bf16 peak", TRAINING_MFU_TARGET, mfu, "{:.0%}")
+        if "speedup_vs_before" in tr:
+            before = tr["before"]
+            at_least(
+                f"training bf16 examples/s / before ({before['commit']})",
+                BEFORE_SPEEDUP_TARGET,
+                tr["speedup_vs_before"],
+                "{:.2f}x",
+            )
+            add(
+                f"training loss curve vs before ({before['steps']} steps)",
+                before["loss_tolerance"],
+                before["largest_loss_difference"]["total"],
+                before["curves_within_tolerance"],
+                f"largest difference {before['largest_loss_difference']['total']:.4f}",
+            )
         pad = tr["bf16"]["padding_fraction"]
         add(
             "padding, training step",
@@ -230,6 +247,29 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]], pea
             f"{agree['within_1_percent']:.1%} of ranks within 1%; MRR "
             f"{agree['metrics']['fp32']['MRR']:.4f} (fp32) vs "
             f"{agree['metrics']['bf16']['MRR']:.4f} (bf16) |"
+        )
+    if "training" in results and "profile" in results["training"]:
+        t = results["training"]
+        settings = t["settings"]
+        shares = ", ".join(
+            f"{part.replace('_', ' ')} {share:.0%}" for part, share in t["profile"].items()
+        )
+        figures.append(
+            f"| one bf16 training step (batch {settings['batch_size']}, lam {settings['lam']:g}, "
+            f"self-negatives trained through), share of its time | {shares}; of which the "
+            f"self-negative views ~{t['profile_detail']['self_negative_pass']:.0%} |"
+        )
+        for precision, chosen in t["choices"].items():
+            over = ", ".join(
+                f"{k.replace('_', ' ')} {v:.2f}x" for k, v in chosen["fast_over"].items()
+            )
+            figures.append(f"| {precision} training step, fast step over | {over} |")
+        before = t["before"]
+        figures.append(
+            f"| bf16 training, examples/s now vs before ({before['commit']}, "
+            f"{before['steps']} steps side by side) | {before['examples_per_s']['after']:.2f} vs "
+            f"{before['examples_per_s']['before']:.2f} ({t['speedup_vs_before']:.2f}x); largest "
+            f"loss difference along the curve {before['largest_loss_difference']['total']:.4f} |"
         )
     if "recipe" in results:
         r = results["recipe"]

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,17 +44,20 @@ __all__ = [
     "PRECISIONS",
     "ModelRef",
     "ModelUnavailableError",
+    "attention_implementation",
     "cache_argument",
     "cache_dir",
     "compute_dtype",
     "decoder_of",
     "default_device",
     "embed_batch",
+    "embed_views",
     "load_model",
     "load_tokenizer",
     "mixed_precision",
     "mixed_precision_backward",
     "pool_last_token",
+    "training_attention",
     "warn_if_emulated",
 ]
 
@@ -120,6 +123,35 @@ def mixed_precision_backward(model: nn.Module) -> Iterator[None]:
     """
     with disable_input_dtype_casting(model, active=_half(compute_dtype(model))):
         yield
+
+
+def training_attention(device: torch.device) -> str | None:
+    """The attention implementation of a training forward on ``device``; None keeps the model's.
+
+    On a CPU, eager attention: torch's CPU flash-attention kernel behind ``sdpa`` is slow in the
+    backward (a fifth of a bf16 KaLM step, against 2.5% in fp32), and with the short sequences
+    of KaLM's views the eager score matrices are small; ``benchmarks/bench_profile.py``
+    measures both implementations in both precisions. Elsewhere (CUDA) the model's own
+    implementation stays. Eager and ``sdpa`` compute the same softmax attention.
+    """
+    return "eager" if device.type == "cpu" else None
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Run ``model`` with the attention implementation ``name`` (None: as it is), and restore
+    its own afterwards: the choice of :func:`training_attention` is a training one, and the
+    same model then encodes with the implementation it was loaded with."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loaded = base.config._attn_implementation
+    if name is None or name == loaded:
+        yield
+        return
+    base.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(loaded)
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -476,3 +508,27 @@ def embed_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torc
     """Unit-norm fp32 last-token embeddings of one padded batch (keeps the autograd graph)."""
     hidden = decoder_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     return nn.functional.normalize(pool_last_token(hidden, mask).float(), dim=-1)
+
+
+def embed_views(
+    model: nn.Module, views: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> list[torch.Tensor]:
+    """:func:`embed_batch` of several right-padded ``(ids, mask)`` batches in one forward.
+
+    The batches are padded on the right to a common width and stacked: one pass over the
+    decoder instead of one per batch, so a third of the operator calls for a step's three
+    views, and matmuls three times as tall. Each row's embedding is the same as in its own
+    batch: a causal model's real tokens never attend to the padding after them, and pooling
+    finds the last real token from the mask.
+    """
+    for ids, mask in views:
+        if ids.shape != mask.shape or not bool(mask[:, 0].all()):
+            raise ValueError(
+                f"embed_views: each batch must be (ids, mask) of one shape, padded on the right "
+                f"(every row's first token real); got ids {tuple(ids.shape)} and mask "
+                f"{tuple(mask.shape)}. Pad with pad_batch(..., left=False)."
+            )
+    width = max(ids.shape[1] for ids, _ in views)
+    ids = torch.cat([nn.functional.pad(i, (0, width - i.shape[1])) for i, _ in views])
+    mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for _, m in views])
+    return list(embed_batch(model, ids, mask).split([len(i) for i, _ in views]))

@@ -50,7 +50,14 @@ from kalm.losses import (
     lm_loss_from_hidden,
     self_negative_diagnostics,
 )
-from kalm.models import decoder_of, embed_batch, mixed_precision, mixed_precision_backward
+from kalm.models import (
+    attention_implementation,
+    decoder_of,
+    embed_views,
+    mixed_precision,
+    mixed_precision_backward,
+    training_attention,
+)
 from kalm.runs import RETRAIN, Run
 from kalm.views import Collator, KaLMBatch, ViewBuilder, training_examples
 
@@ -127,7 +134,18 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 class KaLMModule(nn.Module):
     """One forward for a whole KaLM step: hr view, tail view and, optionally, the LM prompt and
-    the heads' tail views (self-negatives trained through, as in SimKGC)."""
+    the heads' tail views (self-negatives trained through, as in SimKGC).
+
+    The views run each as a batch of its own, or as one batch through the decoder
+    (:func:`~kalm.models.embed_views`) when ``merge_views`` is set: the same embeddings. One
+    batch makes a third of the operator calls, but padding every view to the widest one
+    computes ~18% more tokens. ``benchmarks/bench_training.py`` times both: on the CPU it was
+    slower in three of four side-by-side measurements (fp32 twice, bf16 once) and faster in one
+    (bf16), within the noise of a shared machine, so it stays off until a quiet measurement
+    says otherwise.
+    """
+
+    merge_views: bool = False
 
     def __init__(self, model: PeftModel, learnable_tau: bool, tau: float):
         super().__init__()
@@ -152,14 +170,18 @@ class KaLMModule(nn.Module):
         head_ids: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hr = embed_batch(self.model, hr_ids, hr_mask)
-        t = embed_batch(self.model, t_ids, t_mask)
-        hidden = head = None
+        views = [(hr_ids, hr_mask), (t_ids, t_mask)]
+        if head_ids is not None and head_mask is not None:
+            views.append((head_ids, head_mask))
+        if self.merge_views:
+            embeddings = embed_views(self.model, views)
+        else:
+            embeddings = [e for view in views for e in embed_views(self.model, [view])]
+        hidden = None
         if lm_ids is not None and lm_mask is not None:
             hidden = self.lm_hidden(lm_ids, lm_mask, lm_prefix)
-        if head_ids is not None and head_mask is not None:
-            head = embed_batch(self.model, head_ids, head_mask)
-        return hr, t, hidden, head
+        head = embeddings[2] if len(embeddings) == 3 else None
+        return embeddings[0], embeddings[1], hidden, head
 
     def lm_hidden(
         self, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None = None
@@ -276,6 +298,7 @@ class Trainer:
         )
         self.module, self.optimizer = self.accelerator.prepare(self.module, optimizer)
         self.encoder = Encoder(self.peft_model, self.views)
+        self.attention = training_attention(self.accelerator.device)
         self.step_count = 0
         self.diagnostics: dict[str, float] = {}
         # Sessions of this run before the current one (from the checkpoint), and where and when
@@ -300,9 +323,14 @@ class Trainer:
 
         Every matmul (both views, the self-negatives, the LM prompts and the LM head at response
         positions) runs under one :func:`~kalm.models.mixed_precision` context, so a bf16 base
-        never meets an fp32 activation; the losses themselves are computed in fp32.
+        never meets an fp32 activation; the losses themselves are computed in fp32. Attention
+        runs in ``self.attention`` (:func:`~kalm.models.training_attention` of the device; None
+        keeps the model's own).
         """
-        with mixed_precision(self.peft_model):
+        with (
+            mixed_precision(self.peft_model),
+            attention_implementation(self.peft_model, self.attention),
+        ):
             return self._loss(batch)
 
     def _loss(self, batch: KaLMBatch) -> dict[str, torch.Tensor]:
@@ -389,7 +417,11 @@ class Trainer:
                 if self.diagnostics:
                     diagnosed.append(self.diagnostics)
                 t1 = time.perf_counter()
-                with mixed_precision_backward(self.peft_model):
+                # Gradient checkpointing recomputes the forward here: with the same attention.
+                with (
+                    mixed_precision_backward(self.peft_model),
+                    attention_implementation(self.peft_model, self.attention),
+                ):
                     self.accelerator.backward(parts["total"] / len(micro))
             seconds["forward"] += t1 - t0
             seconds["backward"] += time.perf_counter() - t1

@@ -159,8 +159,15 @@ def test_load_wn18rr_from_mirror(
     assert (kg.num_entities, len(kg.train)) == (40_943, 86_835)
     cached = tmp_path / "cache" / "data" / "wn18rr"
     assert _leftovers(cached) == sorted(
-        ["dev.tsv", "entities.txt", "relation2text.txt", "relations.txt", "test.tsv",
-         "train.tsv", "wordnet-mlj12-definitions.txt"]
+        [
+            "dev.tsv",
+            "entities.txt",
+            "relation2text.txt",
+            "relations.txt",
+            "test.tsv",
+            "train.tsv",
+            "wordnet-mlj12-definitions.txt",
+        ]
     )
 
 

@@ -166,9 +166,7 @@ def test_torchrun_two_processes_then_a_notebook_loads_the_run(
 
     monkeypatch.setenv("KALM_RUNS_DIR", str(runs))
     monkeypatch.setattr(experiment, "Trainer", None)  # loading must not train
-    cfg = resolve(
-        model=str(llama_dir), dataset="wn18rr", profile="smoke", max_steps=2, processes=2
-    )
+    cfg = resolve(model=str(llama_dir), dataset="wn18rr", profile="smoke", max_steps=2, processes=2)
     _, _, run = experiment.train_or_load(cfg, progress=False)
     assert run.path == path
 
@@ -288,9 +286,7 @@ def test_a_garbage_weight_file_is_named(
 def test_a_checkpoint_without_its_entries_is_named(
     llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = resolve(
-        model=str(llama_dir), dataset="wn18rr", profile="smoke", max_steps=2, processes=1
-    )
+    cfg = resolve(model=str(llama_dir), dataset="wn18rr", profile="smoke", max_steps=2, processes=1)
     run = Run.trained(cfg, tmp_path)
     run.path.mkdir()
     torch.save({"step": 1}, run.checkpoint_path)

@@ -79,8 +79,7 @@ def test_padding_side_and_batch_composition_do_not_change_scores(tokenizer) -> N
         tokenizer.padding_side = side
     np.testing.assert_allclose(flipped.log_likelihood, right.log_likelihood, rtol=1e-5)
     alone = [
-        likelihood.candidate_log_likelihoods(model, tokenizer, [PROMPT], [(c,)])[0]
-        for c in OPTIONS
+        likelihood.candidate_log_likelihoods(model, tokenizer, [PROMPT], [(c,)])[0] for c in OPTIONS
     ]
     np.testing.assert_allclose(
         [a.log_likelihood[0] for a in alone], right.log_likelihood, rtol=1e-4, atol=1e-4

@@ -34,6 +34,8 @@ from kalm.models import (
     ModelUnavailableError,
     decoder_of,
     default_device,
+    embed_batch,
+    embed_views,
     load_model,
     pool_last_token,
 )
@@ -267,9 +269,11 @@ def test_8_bit_needs_a_gpu_and_bitsandbytes_and_says_which_is_missing(
     monkeypatch.setattr(
         models.importlib.util,
         "find_spec",
-        lambda name, *a: (find_spec("torch") if installed["bitsandbytes"] else None)
-        if name == "bitsandbytes"
-        else find_spec(name, *a),
+        lambda name, *a: (
+            (find_spec("torch") if installed["bitsandbytes"] else None)
+            if name == "bitsandbytes"
+            else find_spec(name, *a)
+        ),
     )
     with pytest.raises(ModelUnavailableError) as err:
         load_model(tiny_dir, device="cpu", load_in_8bit=True)
@@ -404,3 +408,52 @@ def test_bf16_on_a_cpu_without_it_warns(monkeypatch: pytest.MonkeyPatch) -> None
         models.warn_if_emulated("bf16", torch.device("cuda", 0))
         monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
         models.warn_if_emulated("bf16", torch.device("cpu"))
+
+
+def _views(vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Three right-padded batches of random ids, each of another width and length mix."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for lengths in ([3, 7, 5], [9, 2, 4], [1, 6, 6]):
+        rows = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+        batch = pad_batch(rows, pad_id=0)
+        batches.append((batch.input_ids, batch.attention_mask))
+    return batches
+
+
+def test_embed_views_in_one_forward_equals_one_forward_per_batch() -> None:
+    """Stacked and padded to a common width, every row keeps the embedding and the gradient
+    it has in a batch of its own (fp32)."""
+    model = get_peft_model(
+        tiny_llama(64, layers=2), LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    views = _views(64)
+
+    def run(merged: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        if merged:
+            embeddings = embed_views(model, views)
+        else:
+            embeddings = [embed_batch(model, ids, mask) for ids, mask in views]
+        weights = torch.linspace(-1, 1, 16)
+        sum((e * weights * (i + 1)).sum() for i, e in enumerate(embeddings)).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return [e.detach() for e in embeddings], grads
+
+    merged, merged_grads = run(True)
+    separate, separate_grads = run(False)
+    assert [e.shape for e in merged] == [e.shape for e in separate] == [(3, 16)] * 3
+    for a, b in zip(merged, separate, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert merged_grads.keys() == separate_grads.keys() and merged_grads
+    for name in merged_grads:
+        torch.testing.assert_close(merged_grads[name], separate_grads[name], atol=ATOL, rtol=1e-4)
+
+
+def test_embed_views_refuses_left_padding() -> None:
+    batch = pad_batch([[1, 2, 3], [4]], pad_id=0, left=True)
+    with pytest.raises(ValueError, match="padded on the right"):
+        embed_views(tiny_llama(16), [(batch.input_ids, batch.attention_mask)])

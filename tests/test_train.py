@@ -285,3 +285,91 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(tokenizer, kg, tmp_pa
     Trainer(tiny_llama(len(tokenizer)), tokenizer, kg, cfg, Run(tmp_path)).fit(progress=False)
     rates = [r["lr"] for r in Run(tmp_path).train_log()]
     assert rates == pytest.approx([0.0, 5e-4, 1e-3])
+
+
+def _loss_and_grads(trainer: Trainer, batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    trainer.optimizer.zero_grad(set_to_none=True)
+    parts = trainer.loss(batch)
+    parts["total"].backward()
+    grads = {
+        n: p.grad.clone() for n, p in trainer.peft_model.named_parameters() if p.grad is not None
+    }
+    return {k: float(v.detach()) for k, v in parts.items()}, grads
+
+
+def _fast_path_trainer(tokenizer, kg, tmp_path, **overrides) -> Trainer:
+    """Self-negatives trained through and L_imp on (every pass of a step), adapters non-zero."""
+    cfg = smoke_cfg(lam=1.0, lm_fraction=0.5, self_negative_grad=True, **overrides)
+    trainer = Trainer(model_for(cfg, tokenizer), tokenizer, kg, cfg, Run(tmp_path))
+    torch.manual_seed(1)
+    for name, p in trainer.peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return trainer
+
+
+def test_merged_views_give_the_same_losses_and_gradients(tokenizer, kg, tmp_path):
+    """hr, tail and self-negative views in one forward: the losses and adapter gradients of
+    three forwards, within fp32 rounding."""
+    trainer = _fast_path_trainer(tokenizer, kg, tmp_path)
+    trainer.module.merge_views = True
+    batch = trainer.collate(np.arange(trainer.tcfg.batch_size))
+    merged, merged_grads = _loss_and_grads(trainer, batch)
+    trainer.module.merge_views = False
+    separate, separate_grads = _loss_and_grads(trainer, batch)
+    assert merged == pytest.approx(separate, abs=1e-5)
+    assert merged_grads.keys() == separate_grads.keys() and merged_grads
+    for name in merged_grads:
+        torch.testing.assert_close(merged_grads[name], separate_grads[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eager_attention_of_a_cpu_step_gives_the_same_losses(tokenizer, kg, tmp_path, precision):
+    """A CPU training step runs eager attention (then gives the model back its own): the losses
+    of sdpa within fp32 rounding in fp32, within the bf16 tolerance of
+    test_bf16_and_fp32_losses_agree in bf16."""
+    trainer = _fast_path_trainer(tokenizer, kg, tmp_path, precision=precision)
+    config = trainer.peft_model.get_base_model().config
+    assert trainer.attention == "eager" and config._attn_implementation == "sdpa"
+    seen = []
+    layer = trainer.peft_model.get_base_model().model.layers[0].self_attn
+    layer.register_forward_pre_hook(lambda *_: seen.append(config._attn_implementation))
+    batch = trainer.collate(np.arange(trainer.tcfg.batch_size))
+    eager, _ = _loss_and_grads(trainer, batch)
+    assert set(seen) == {"eager"} and config._attn_implementation == "sdpa"
+    trainer.attention = None
+    sdpa, _ = _loss_and_grads(trainer, batch)
+    assert set(seen[-1:]) == {"sdpa"}
+    for name in ("l_exp", "l_imp", "total"):
+        a, b = sdpa[name], eager[name]
+        if precision == "fp32":
+            assert a == pytest.approx(b, abs=1e-5), name
+        else:
+            assert abs(a - b) <= 0.02 * abs(a) + 0.02, (name, a, b)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fast_step_keeps_the_loss_curve_of_30_steps(tokenizer, kg, tmp_path, precision):
+    """30 steps from the same seed with merged views and eager attention, and with neither: the
+    curves agree within the bf16 tolerance of test_bf16_and_fp32_losses_agree."""
+    curves = {}
+    for fast in (True, False):
+        AcceleratorState._reset_state()
+        cfg = smoke_cfg(
+            precision=precision,
+            max_steps=30,
+            checkpoint_every=30,
+            lam=1.0,
+            lm_fraction=0.5,
+            self_negative_grad=True,
+        )
+        run = Run(tmp_path / f"{precision}-{fast}")
+        trainer = Trainer(model_for(cfg, tokenizer), tokenizer, kg, cfg, run)
+        trainer.module.merge_views = fast
+        trainer.attention = trainer.attention if fast else None
+        trainer.fit(progress=False)
+        curves[fast] = run.train_log()
+    assert [r["step"] for r in curves[True]] == list(range(1, 31))
+    for fast, slow in zip(curves[True], curves[False], strict=True):
+        for name in ("L_exp", "L_imp", "total"):
+            assert abs(fast[name] - slow[name]) <= 0.02 * abs(slow[name]) + 0.02, (fast, slow)

@@ -88,8 +88,11 @@ def _unknown(
 ) -> NoReturn:
     """Raise for the first triple naming an entity or relation outside the id lists."""
     for number, (h, r, t) in enumerate(rows, start=1):
-        checks = (("entity", h, entity_index), ("relation", r, relation_index),
-                  ("entity", t, entity_index))
+        checks = (
+            ("entity", h, entity_index),
+            ("relation", r, relation_index),
+            ("entity", t, entity_index),
+        )
         for kind, value, index in checks:
             if value not in index:
                 line = "\t".join((h, r, t))

@@ -22,9 +22,7 @@ from kalm.data.texts import (
     wordnet_inverse,
 )
 
-_KG_BERT = (
-    "https://raw.githubusercontent.com/yao8839836/kg-bert/0b8f625108efcb9b43603b6840f2548ff3d3c973/data"
-)
+_KG_BERT = "https://raw.githubusercontent.com/yao8839836/kg-bert/0b8f625108efcb9b43603b6840f2548ff3d3c973/data"
 _STAR = (
     "https://raw.githubusercontent.com/wangbo9719/StAR_KGC/"
     "a42a82c4a3510110e434611191b922ee0613495f/StAR/data/FB15k-237"
@@ -83,27 +81,33 @@ DATASETS: dict[str, DatasetSpec] = {
         title="WN18RR",
         files={
             "train": _kg_bert(
-                "WN18RR", "train.tsv",
+                "WN18RR",
+                "train.tsv",
                 "038612e783c215ee5f3ca9fbfca27b8d0739be1028fe4ee7c174aecf0b83d5df",
             ),
             "valid": _kg_bert(
-                "WN18RR", "dev.tsv",
+                "WN18RR",
+                "dev.tsv",
                 "453ce7202afa58094a04d2b1560ee2b02660f1c260b32ce6651c8ccedd1028ab",
             ),
             "test": _kg_bert(
-                "WN18RR", "test.tsv",
+                "WN18RR",
+                "test.tsv",
                 "0383bceaaa1096cf3c03ec021ed0048068e2355dbfc0239b292cefdac821cec5",
             ),
             "entities": _kg_bert(
-                "WN18RR", "entities.txt",
+                "WN18RR",
+                "entities.txt",
                 "178f3020f4a4dd7a2b51a93d8f4e95b38f7b431b0eadb5d317a2ce2f0b3097f0",
             ),
             "relations": _kg_bert(
-                "WN18RR", "relations.txt",
+                "WN18RR",
+                "relations.txt",
                 "53e8790103375e198e418ba55fc52118789dab8ffe55a848a150dfb630cbd3ad",
             ),
             "relation_texts": _kg_bert(
-                "WN18RR", "relation2text.txt",
+                "WN18RR",
+                "relation2text.txt",
                 "91b1de5585d686ed31498d50f1c4eed44ba9486dffbbcc0c28927ac884184918",
             ),
             "entity_texts": DataFile(
@@ -120,32 +124,39 @@ DATASETS: dict[str, DatasetSpec] = {
         title="FB15k-237",
         files={
             "train": _kg_bert(
-                "FB15k-237", "train.tsv",
+                "FB15k-237",
+                "train.tsv",
                 "6e4c2782169af21e9743f3b1d200886f5d595bf6bc504ec1351720949c5cdfae",
                 gzip_sha256="ed91d9e513e54397b5466d762324f1dfcfdb445a2280751d7a350e4db2e03152",
             ),
             "valid": _kg_bert(
-                "FB15k-237", "dev.tsv",
+                "FB15k-237",
+                "dev.tsv",
                 "cf6309010852f6a8d47a45df830a426415d1ee6f7a3970a8376ff1fb81db4a5c",
             ),
             "test": _kg_bert(
-                "FB15k-237", "test.tsv",
+                "FB15k-237",
+                "test.tsv",
                 "5711cf41623ceb4eacc50eb6108a3ca6565c7492e3caaf82a3e355cc660d1574",
             ),
             "entities": _kg_bert(
-                "FB15k-237", "entities.txt",
+                "FB15k-237",
+                "entities.txt",
                 "7341cc8e03b3b0293d2a3cf7b355513e76a70558a804ad8572bb9847a51fdec1",
             ),
             "relations": _kg_bert(
-                "FB15k-237", "relations.txt",
+                "FB15k-237",
+                "relations.txt",
                 "8abf7ba03bad41395095538e4678ab61831d337ab37d3d4f8bacea6514e0a9fc",
             ),
             "relation_texts": _kg_bert(
-                "FB15k-237", "relation2text.txt",
+                "FB15k-237",
+                "relation2text.txt",
                 "4bf7cb6ea0ac09b17ad210889f723be5e079669f6ae5d507787e1320bbaa0f72",
             ),
             "entity_names": _kg_bert(
-                "FB15k-237", "entity2text.txt",
+                "FB15k-237",
+                "entity2text.txt",
                 "16beedcfad3d32696e8b0b98cfa0f5eeb144f5142225f227a64fd9ce37447da5",
             ),
             "entity_descriptions": DataFile(

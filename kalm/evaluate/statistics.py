@@ -53,9 +53,7 @@ def mean_reciprocal_rank(ranks: Sequence[float] | np.ndarray) -> float:
     return float((1 / r).mean())
 
 
-def mcnemar_exact(
-    first: Sequence[bool] | np.ndarray, second: Sequence[bool] | np.ndarray
-) -> float:
+def mcnemar_exact(first: Sequence[bool] | np.ndarray, second: Sequence[bool] | np.ndarray) -> float:
     """Two-sided exact McNemar p-value of two models' paired outcomes (True = right) on the
     same questions.
 
