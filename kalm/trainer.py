@@ -13,7 +13,6 @@ top of the library and nothing imports it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import pickle
@@ -52,6 +51,7 @@ from kalm.losses import (
 )
 from kalm.models import (
     attention_implementation,
+    cache_argument,
     decoder_of,
     embed_views,
     mixed_precision,
@@ -155,8 +155,7 @@ class KaLMModule(nn.Module):
             torch.tensor(math.log(1.0 / tau)), requires_grad=learnable_tau
         )
         # transformers 5 renamed `past_key_values` to `cache` (argument and output field).
-        forward = inspect.signature(decoder_of(model).forward).parameters
-        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self._cache_argument = cache_argument(decoder_of(model))
 
     def forward(
         self,
