@@ -235,6 +235,19 @@ class TrainConfig:
     # sets it: `python -m kalm.train` takes it from the launch. It is part of the run key (when
     # not 1) because it sets the global batch, and a launch of another size refuses the run.
     processes: int = setting("data-parallel processes (GPUs) of the launch", _COUNT, 1)
+    # The learning curve, measured while training and stored with the run (curve.jsonl): the
+    # validation protocol of the studies at `curve_points` evenly spaced example counts (and
+    # before the first step). Its sizes are training settings because the curve is part of what
+    # the run publishes; at 0 points a run measures none and keeps its earlier key.
+    curve_points: int = setting(
+        "learning-curve points measured while training (0: none)", Range(0, note="0 = none"), 0
+    )
+    curve_queries: int = setting("validation triples of each learning-curve point", _COUNT, 300)
+    curve_candidates: int = setting(
+        "entities ranked at each learning-curve point (0: every entity)",
+        _all("every entity"),
+        2000,
+    )
 
     @property
     def lm_examples(self) -> int:

@@ -28,6 +28,7 @@ from kalm.config import ConfigError, EvalConfig, RunConfig, Session, TrainConfig
 from kalm.data import load_kg
 from kalm.durable import LOCK_NAME, RunStoreError, lock_directory
 from kalm.encoder import Encoder
+from kalm.evaluate.protocol import ValidationProbe
 from kalm.models import load_model
 from kalm.published import keep_precision, locate, restore_checkpoint
 from kalm.runs import RETRAIN, Run
@@ -146,7 +147,9 @@ def _train_or_load_locked(
     check_processes(cfg.train, state.num_processes)  # before minutes of loading
     kg = load_kg(cfg.dataset)  # before the model too: bad data fails in seconds
     model, tokenizer = _load(cfg)
-    trainer = Trainer(model, tokenizer, kg, cfg, run)
+    # The learning curve of the run (train.curve_points), measured by the main process only.
+    probe = ValidationProbe.from_config(kg, cfg) if cfg.train.curve_points else None
+    trainer = Trainer(model, tokenizer, kg, cfg, run, probe=probe)
     if main:
         run.save_config(cfg)
     tuned = trainer.fit(progress=progress)
@@ -158,6 +161,7 @@ def _train_or_load_locked(
                 "steps": trainer.steps,
                 "examples": len(trainer.examples),
                 "seconds": sum(s["seconds"] for s in sessions),
+                "curve_seconds": sum(s.get("curve_seconds", 0.0) for s in sessions),
                 "sessions": sessions,
             }
         )

@@ -96,7 +96,8 @@ CHECKPOINT_MANIFEST = "manifest.json"
 _DONE = "done.json"  # the manifest of a finished run, as in the run store
 # Files of a local checkpoint that are published beside the configuration; the checkpoint goes
 # last, so that an interrupted copy into a local store leaves nothing to resume from.
-_CHECKPOINT_FILES = ("train_log.jsonl", "checkpoint.pt")
+# The learning curve exists only for runs that measure one.
+_CHECKPOINT_FILES = ("train_log.jsonl", "curve.jsonl", "checkpoint.pt")
 
 REMEDY = (
     "A published run is never reused or retrained silently: restore it with "
@@ -135,6 +136,10 @@ class PublishedRun(Run):
         return self.source / "train_log.jsonl"
 
     @property
+    def curve_path(self) -> Path:
+        return self.source / "curve.jsonl"
+
+    @property
     def done_path(self) -> Path:
         return self.source / _DONE
 
@@ -145,6 +150,12 @@ class PublishedRun(Run):
     def train_log(self, *, repair: bool = False) -> list[dict[str, Any]]:
         """The published training log; it is read-only, so ``repair`` is ignored."""
         return read_jsonl(self.train_log_path, directory=self.source, remedy=REMEDY)
+
+    def learning_curve(self, *, repair: bool = False) -> list[dict[str, Any]]:
+        """The published learning curve (none for a run trained without one); read-only."""
+        if not self.curve_path.exists():
+            return []
+        return read_jsonl(self.curve_path, directory=self.source, remedy=REMEDY)
 
     def discard(self) -> None:
         """A published run is read-only: a retrain trains the local run instead."""
@@ -183,7 +194,8 @@ def restore_checkpoint(run: Run) -> int | None:
         return None
     record = verify_manifest(source, CHECKPOINT_MANIFEST, remedy=REMEDY)
     for name in ("config.json", *_CHECKPOINT_FILES):
-        _copy(source / name, run.path / name)
+        if (source / name).exists():
+            _copy(source / name, run.path / name)
     return int(record["step"])
 
 
@@ -307,7 +319,8 @@ def publish(cfg: RunConfig, *, hardware: str, commit: str | None = None) -> str:
         with _staged(checkpoint) as stage:
             atomic_write_json(stage / "config.json", cfg.as_dict())
             for name in _CHECKPOINT_FILES:
-                _copy(run.path / name, stage / name)
+                if (run.path / name).exists():
+                    _copy(run.path / name, stage / name)
             step = checkpoint_step(stage / "checkpoint.pt")
             if step is None:
                 raise RunStoreError(run.path, run.checkpoint_path, "cannot be read", RETRAIN)

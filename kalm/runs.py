@@ -116,6 +116,11 @@ class Run:
         return self.path / "train_log.jsonl"
 
     @property
+    def curve_path(self) -> Path:
+        """The learning curve: one JSON record per validation point measured while training."""
+        return self.path / "curve.jsonl"
+
+    @property
     def done_path(self) -> Path:
         """The completion record, written last."""
         return self.path / "done.json"
@@ -159,7 +164,7 @@ class Run:
         one with missing parts.
         """
         self.done_path.unlink(missing_ok=True)
-        for path in (self.checkpoint_path, self.train_log_path):
+        for path in (self.checkpoint_path, self.train_log_path, self.curve_path):
             path.unlink(missing_ok=True)
         for folder in (self.adapter_dir, self.path / "cache", self.path / "metrics"):
             shutil.rmtree(folder, ignore_errors=True)
@@ -171,6 +176,13 @@ class Run:
         file with ``repair=True`` (only the process training the run may do that).
         """
         return read_jsonl(self.train_log_path, repair=repair, directory=self.path, remedy=RETRAIN)
+
+    def learning_curve(self, *, repair: bool = False) -> list[dict[str, Any]]:
+        """The points of the run's learning curve (none for a run trained without one); a torn
+        last line is handled as in :meth:`train_log`."""
+        if not self.curve_path.exists():
+            return []
+        return read_jsonl(self.curve_path, repair=repair, directory=self.path, remedy=RETRAIN)
 
     def fingerprint(self) -> str:
         """What this run's caches derive from: the sha256 of its verified adapter files, or ""

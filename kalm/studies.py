@@ -123,6 +123,7 @@ def arm_config(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
     fields["max_steps"] = max(1, budget // (fields["batch_size"] * micro_batches))
     fields["valid_queries"] = cfg.eval.study_queries
     fields["candidates"] = cfg.eval.study_candidates
+    fields["curve_points"] = 0  # an arm is measured once, at its end
     # A local model is named by its directory (a Path is never read as an alias).
     model = Path(cfg.model.hub_id) if cfg.model.source == "local" else cfg.model.alias
     arm = resolve(model=model, dataset=cfg.dataset, profile=cfg.profile, seed=cfg.seed, **fields)

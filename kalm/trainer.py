@@ -17,7 +17,7 @@ import json
 import math
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,7 @@ __all__ = [
     "TrainingDiverged",
     "attach_lora",
     "check_processes",
+    "curve_steps",
     "gather_with_grad",
     "process_state",
     "total_steps",
@@ -92,6 +93,20 @@ def total_steps(cfg: TrainConfig, num_examples: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * (num_examples // cfg.global_batch_size)))
+
+
+def curve_steps(steps: int, points: int) -> frozenset[int]:
+    """The steps after which a learning curve of ``points`` points is measured: before the
+    first step and at ``points`` evenly spaced step counts up to the last (fewer when the run
+    has fewer steps than points); none for ``points`` = 0."""
+    if points <= 0:
+        return frozenset()
+    return frozenset({0, *(round(steps * k / points) for k in range(1, points + 1))})
+
+
+Probe = Callable[[Encoder], dict[str, float]]
+"""A learning-curve measurement: the numbers of the model behind an encoder (evaluation code,
+which the trainer does not import, passes one in; see ``kalm.evaluate.protocol.ValidationProbe``)."""
 
 
 def process_state() -> PartialState:
@@ -208,6 +223,11 @@ _DIVERGED = (
 )
 
 
+def _rewrite_jsonl(path: Any, records: Sequence[dict[str, Any]]) -> None:
+    """Replace the JSON-lines file ``path`` by ``records`` (atomically)."""
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
 class TrainingDiverged(ArithmeticError):
     """A training loss or the adapter became NaN or inf; the message names the step."""
 
@@ -242,8 +262,10 @@ class Trainer:
         cfg: RunConfig,
         run: Run,
         accelerator: Accelerator | None = None,
+        probe: Probe | None = None,
     ):
         self.cfg, self.tcfg, self.kg, self.run = cfg, cfg.train, kg, run
+        self.probe = probe
         self.tokenizer = tokenizer
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(),
@@ -288,6 +310,7 @@ class Trainer:
             self_negatives=self.tcfg.self_negatives,
         )
         self.steps = total_steps(self.tcfg, len(self.examples))
+        self.curve_at = curve_steps(self.steps, self.tcfg.curve_points) if probe else frozenset()
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
         # The schedule counts optimiser steps of the global batch. It is not handed to
@@ -305,6 +328,8 @@ class Trainer:
         self._earlier_sessions: list[dict[str, float]] = []
         self._session_start = 0
         self._session_clock = time.perf_counter()
+        self._curve_seconds = 0.0  # of the current session, kept out of its training seconds
+        self._curve_done: set[int] = set()  # steps whose curve point the run holds
 
     @property
     def peft_model(self) -> PeftModel:
@@ -531,11 +556,13 @@ class Trainer:
 
     def sessions(self) -> list[dict[str, float]]:
         """The training sessions behind the current state: the step each resumed from, the
-        steps it added and its seconds (up to now, or up to its last checkpoint)."""
+        steps it added, its training seconds (up to now, or up to its last checkpoint) and the
+        seconds its learning-curve points took, which the training seconds leave out."""
         current = {
             "resumed_from": self._session_start,
             "steps": self.step_count - self._session_start,
-            "seconds": time.perf_counter() - self._session_clock,
+            "seconds": time.perf_counter() - self._session_clock - self._curve_seconds,
+            "curve_seconds": self._curve_seconds,
         }
         return [*self._earlier_sessions, current]
 
@@ -547,14 +574,21 @@ class Trainer:
         anything of that step is logged or checkpointed.
         """
         self._session_clock = time.perf_counter()
+        self._curve_seconds = 0.0
         self.run.path.mkdir(parents=True, exist_ok=True)
         self.load_checkpoint()
         self._session_start = self.step_count
         main = self.accelerator.is_main_process
-        if main:  # steps logged after the checkpoint are recomputed identically; drop them
+        if main:  # what was logged after the checkpoint is recomputed identically; drop it
             log = [r for r in self.run.train_log(repair=True) if r["step"] <= self.step_count]
-            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in log)
-            atomic_write_text(self.run.train_log_path, text)
+            _rewrite_jsonl(self.run.train_log_path, log)
+            curve = self.run.learning_curve(repair=True)
+            curve = [r for r in curve if r["step"] <= self.step_count]
+            if curve or self.run.curve_path.exists():
+                _rewrite_jsonl(self.run.curve_path, curve)
+            self._curve_done = {int(r["step"]) for r in curve}
+        if self.step_count in self.curve_at:
+            self._curve_point()
         end = self.steps if stop_after is None else min(self.steps, stop_after)
         batches = iterate_batches(
             self.lengths, self.tcfg.global_batch_size, self.cfg.seed, self.step_count
@@ -577,10 +611,34 @@ class Trainer:
                     ex_s=f"{record['examples_per_s']:.1f}",
                 )
                 bar.update(1)
+                if self.step_count in self.curve_at:
+                    self._curve_point()
                 if self.step_count % self.tcfg.checkpoint_every == 0 or self.step_count == end:
                     self.save_checkpoint()
         self.peft_model.eval()
         return self.peft_model
+
+    def _curve_point(self) -> None:
+        """Measure the learning curve at the current step (the main process, once per step;
+        the others wait) and append it to the run's curve, with the examples and the training
+        seconds so far. Its own seconds are recorded too, and kept out of the training time."""
+        if self.accelerator.is_main_process and self.step_count not in self._curve_done:
+            assert self.probe is not None  # curve_at is empty without one
+            trained_seconds = sum(s["seconds"] for s in self.sessions())
+            started = time.perf_counter()
+            point = self.probe(Encoder.from_config(self.peft_model, self.views, self.cfg))
+            took = time.perf_counter() - started
+            self._curve_seconds += took
+            row = {
+                "step": self.step_count,
+                "examples": self.step_count * self.tcfg.global_batch_size,
+                "train_seconds": trained_seconds,
+                "curve_seconds": took,
+                **point,
+            }
+            append_jsonl(self.run.curve_path, row)
+            self._curve_done.add(self.step_count)
+        self.accelerator.wait_for_everyone()
 
     def _logged_step(self, indices: np.ndarray) -> dict[str, float]:
         """One optimiser step on the global batch ``indices`` (this process's share of it) and

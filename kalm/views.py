@@ -103,9 +103,9 @@ def _truncated(
     """``texts`` cut to at most ``tokens`` tokens (decoded again) and their token counts."""
     key = _truncation_key(texts, tokenizer, tokens)
     if key not in _TRUNCATIONS:
-        ids = tokenizer(
-            list(texts), add_special_tokens=False, truncation=True, max_length=tokens
-        )["input_ids"]
+        ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=tokens)[
+            "input_ids"
+        ]
         found = (tokenizer.batch_decode(ids), np.array([len(i) for i in ids], dtype=np.int64))
         if not key:
             return found

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from kalm.config import RunConfig
-from kalm.data import KnowledgeGraph, sample_triples
+from kalm.data import KnowledgeGraph, KnownAnswers, sample_triples
 from kalm.encoder import Encoder
 from kalm.evaluate.kgc import FilterMode, Ranks, metrics_by_direction, per_relation, rank_queries
 from kalm.runs import Run
@@ -24,10 +25,12 @@ from kalm.runs import Run
 __all__ = [
     "INDEX_CHUNK",
     "KGCResult",
+    "ValidationProbe",
     "candidate_set",
     "entity_index",
     "evaluate_kgc",
     "query_entity_effect",
+    "rank_both_directions",
 ]
 
 
@@ -90,6 +93,109 @@ def entity_index(
     return torch.cat(pieces), seconds
 
 
+def rank_both_directions(
+    encoder: Encoder,
+    triples: np.ndarray,
+    candidates: np.ndarray,
+    entities: torch.Tensor,
+    known: KnownAnswers,
+    *,
+    chunk_size: int,
+    mode: FilterMode = "strict",
+    exclude_query_entity: bool = False,
+    progress: bool = False,
+) -> tuple[dict[str, Ranks], float]:
+    """Filtered ranks of the gold among ``candidates`` (embedded as ``entities``) for the tail
+    queries ``[ h, r ]`` and the inverse (head) queries ``[ t, r⁻¹ ]`` of ``triples``, and the
+    share of all those queries whose own entity (``h``, resp. ``t``) scores above the gold.
+
+    That share is the failure that self-negatives target: a query holds its own entity's text,
+    so an encoder can learn to retrieve that entity. Every query entity must be a candidate
+    (:func:`candidate_set` keeps every entity of ``triples``).
+    """
+    kg = encoder.views.kg
+    position = np.full(kg.num_entities, -1, dtype=np.int64)
+    position[candidates] = np.arange(len(candidates))
+    missing = np.setdiff1d(triples[:, [0, 2]], candidates)
+    if len(missing):
+        raise ValueError(
+            f"rank_both_directions: entities {missing[:10].tolist()} of the triples are not "
+            "candidates; build the candidates with candidate_set, which keeps all of them."
+        )
+    cols = torch.from_numpy(candidates)
+    heads, rels, tails = triples.T
+    ranks: dict[str, Ranks] = {}
+    wins = []
+    for direction, e, r, gold in (
+        ("tail", heads, rels, tails),
+        ("head", tails, rels + kg.num_relations, heads),
+    ):
+        queries = encoder.encode_queries(
+            e.tolist(), r.tolist(), progress=progress, desc=f"{direction} queries"
+        )
+
+        def filter_mask(part: slice, e: np.ndarray = e, r: np.ndarray = r) -> torch.Tensor:
+            mask = known.mask(e[part], r[part], kg.num_entities)
+            if exclude_query_entity:
+                mask[torch.arange(len(mask)), torch.from_numpy(e[part])] = True
+            return mask[:, cols]
+
+        ranks[direction] = rank_queries(
+            queries,
+            entities,
+            torch.from_numpy(position[gold]),
+            filter_mask,
+            chunk_size=chunk_size,
+            mode=mode,
+            progress=progress,
+        )
+        unit_q = F.normalize(queries.float(), dim=-1)
+        unit_e = F.normalize(entities.float(), dim=-1)
+        own = (unit_q * unit_e[position[e]]).sum(1)
+        right = (unit_q * unit_e[position[gold]]).sum(1)
+        wins.append(((own > right) & torch.from_numpy(e != gold)).numpy())
+    return ranks, float(np.concatenate(wins).mean())
+
+
+@dataclass(frozen=True)
+class ValidationProbe:
+    """One point of a run's learning curve: the studies' validation protocol at the curve's
+    sizes (``train.curve_queries`` validation triples, filtered with train ∪ valid answers,
+    ranked in both directions against a fixed set of ``train.curve_candidates`` entities that
+    holds every gold and every query entity).
+
+    The triples and candidates are drawn once, from the run's seed, so every point of the
+    curve measures the same queries. The trainer calls it with an :class:`Encoder` of the model
+    being trained (it holds no evaluation code itself).
+    """
+
+    triples: np.ndarray
+    candidates: np.ndarray
+    known: KnownAnswers
+    chunk_size: int
+
+    @classmethod
+    def from_config(cls, kg: KnowledgeGraph, cfg: RunConfig) -> ValidationProbe:
+        """The probe of the run ``cfg`` on its graph ``kg``."""
+        triples = sample_triples(kg.valid, cfg.train.curve_queries, cfg.seed)
+        return cls(
+            triples=triples,
+            candidates=candidate_set(kg, triples, cfg.train.curve_candidates, cfg.seed),
+            known=kg.known_answers(("train", "valid")),
+            chunk_size=cfg.eval.rank_chunk_size,
+        )
+
+    def __call__(self, encoder: Encoder) -> dict[str, float]:
+        """Validation MRR and Hits@1 (realistic ranks, both directions) and the share of queries
+        whose own entity outranks the gold, of the model behind ``encoder``."""
+        entities = encoder.encode_entities(self.candidates.tolist())
+        ranks, wins = rank_both_directions(
+            encoder, self.triples, self.candidates, entities, self.known, chunk_size=self.chunk_size
+        )
+        both = metrics_by_direction(ranks["tail"], ranks["head"])["both"]
+        return {"MRR": both["MRR"], "Hits@1": both["Hits@1"], "query entity outranks gold": wins}
+
+
 @dataclass
 class KGCResult:
     """Ranks and metrics of one evaluation (tail queries and inverse/head queries)."""
@@ -100,6 +206,8 @@ class KGCResult:
     triples: np.ndarray
     per_relation: pd.DataFrame
     num_candidates: int
+    # The share of queries (both directions) whose own entity outranks the gold.
+    query_entity_wins: float
     timings: dict[str, float] = field(default_factory=dict)
 
     def table_row(self) -> dict[str, float]:
@@ -113,6 +221,7 @@ class KGCResult:
             "summary": self.summary,
             "num_queries": len(self.triples),
             "num_candidates": self.num_candidates,
+            "query_entity_wins": self.query_entity_wins,
             "timings": self.timings,
             "per_relation": self.per_relation.to_dict(orient="records"),
         }
@@ -141,39 +250,25 @@ def evaluate_kgc(
     triples = sample_triples(getattr(kg, split), n, cfg.seed)
     candidates = candidate_set(kg, triples, cfg.eval.candidates, cfg.seed)
     entities, encode_seconds = entity_index(encoder, run, candidates, progress=progress)
-    position = np.full(kg.num_entities, -1, dtype=np.int64)
-    position[candidates] = np.arange(len(candidates))
     known = kg.known_answers(("train", "valid") if split == "valid" else ("train", "valid", "test"))
-    cols = torch.from_numpy(candidates)
-    heads, rels, tails = triples.T
-    ranks: dict[str, Ranks] = {}
     started = time.perf_counter()
-    for direction, e, r, gold in (
-        ("tail", heads, rels, tails),
-        ("head", tails, rels + kg.num_relations, heads),
-    ):
-        queries = encoder.encode_queries(
-            e.tolist(), r.tolist(), progress=progress, desc=f"{direction} queries"
-        )
-
-        def filter_mask(part: slice, e: np.ndarray = e, r: np.ndarray = r) -> torch.Tensor:
-            mask = known.mask(e[part], r[part], kg.num_entities)
-            if exclude_query_entity:
-                mask[torch.arange(len(mask)), torch.from_numpy(e[part])] = True
-            return mask[:, cols]
-
-        ranks[direction] = rank_queries(
-            queries,
-            entities,
-            torch.from_numpy(position[gold]),
-            filter_mask,
-            chunk_size=cfg.eval.rank_chunk_size,
-            mode=mode,
-            progress=progress,
-        )
+    ranks, wins = rank_both_directions(
+        encoder,
+        triples,
+        candidates,
+        entities,
+        known,
+        chunk_size=cfg.eval.rank_chunk_size,
+        mode=mode,
+        exclude_query_entity=exclude_query_entity,
+        progress=progress,
+    )
     query_seconds = time.perf_counter() - started
     table = per_relation(
-        ranks["tail"].realistic, ranks["head"].realistic, torch.from_numpy(rels), kg.relation_texts
+        ranks["tail"].realistic,
+        ranks["head"].realistic,
+        torch.from_numpy(triples[:, 1]),
+        kg.relation_texts,
     )
     timings = {"query_seconds": query_seconds}
     if encode_seconds:
@@ -188,6 +283,7 @@ def evaluate_kgc(
         triples=triples,
         per_relation=table,
         num_candidates=len(candidates),
+        query_entity_wins=wins,
         timings=timings,
     )
 
