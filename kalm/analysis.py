@@ -10,6 +10,7 @@ about), computations run in fp32 with fp64 reductions, and results are numpy val
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -222,3 +223,44 @@ def head_outranks_gold(
         batch_size=batch_size or encoder.entity_batch_size,
     )
     return float(((hr * own).sum(1) > (hr * t).sum(1)).float().mean())
+
+
+@dataclass(frozen=True)
+class Trend:
+    """How a noisy series moved over a run: the mean of its first and of its last ``fraction``
+    of the values, read instead of one step (one batch) at either end."""
+
+    first: float
+    last: float
+    fraction: float
+
+    @property
+    def change(self) -> float:
+        """``last - first``."""
+        return self.last - self.first
+
+    def direction(self, tolerance: float) -> str:
+        """``"rises"``, ``"falls"`` or ``"stays level"``: a change smaller than ``tolerance``
+        (in the series' units) is level."""
+        if self.change > tolerance:
+            return "rises"
+        if self.change < -tolerance:
+            return "falls"
+        return "stays level"
+
+
+def trend(values: ArrayLike, fraction: float = 0.2) -> Trend:
+    """The :class:`Trend` of ``values`` (NaN dropped): the means of the first and the last
+    ``fraction`` of them, at least one value each.
+
+    A loss logged once per batch swings by a large share of its value from step to step; a
+    verdict such as "the loss rises" read from the last step alone is a verdict on one batch.
+    """
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"trend: fraction must be in (0, 0.5], got {fraction}")
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        raise ValueError("trend: no finite values")
+    k = max(1, int(len(x) * fraction))
+    return Trend(first=float(x[:k].mean()), last=float(x[-k:].mean()), fraction=fraction)
