@@ -105,8 +105,8 @@ def curve_steps(steps: int, points: int) -> frozenset[int]:
 
 
 Probe = Callable[[Encoder], dict[str, float]]
-"""A learning-curve measurement: the numbers of the model behind an encoder (evaluation code,
-which the trainer does not import, passes one in; see ``kalm.evaluate.protocol.ValidationProbe``)."""
+"""A learning-curve measurement: the numbers of the model behind an encoder. Evaluation code,
+which the trainer does not import, passes one in (``kalm.evaluate.protocol.ValidationProbe``)."""
 
 
 def process_state() -> PartialState:
