@@ -144,3 +144,10 @@ def test_validation_probe_draws_its_queries_once(kg):
     assert len(a.triples) == 4 and len(a.candidates) == 32
     assert np.array_equal(a.triples, b.triples) and np.array_equal(a.candidates, b.candidates)
     assert set(a.triples[:, [0, 2]].ravel()) <= set(a.candidates.tolist())
+
+
+def test_a_graph_without_validation_triples_has_no_curve():
+    from helpers import toy_kg
+
+    with pytest.raises(ValueError, match="no validation triples.*curve_points=0"):
+        ValidationProbe.from_config(toy_kg([(0, 0, 1)]), resolve(profile="smoke"))

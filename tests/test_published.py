@@ -89,6 +89,7 @@ def test_a_published_run_loads_bitwise_without_training(
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
         "config.json",
+        "curve.jsonl",
         "train_log.jsonl",
     ]  # no checkpoint, optimiser state, caches or metrics
     assert (record["examples_seen"], record["precision"]) == (steps * 8, "fp32")
@@ -225,6 +226,7 @@ def test_a_published_checkpoint_resumes_bitwise_in_an_empty_store(
     assert sorted(p.name for p in folder.iterdir()) == [
         "checkpoint.pt",
         "config.json",
+        "curve.jsonl",
         "manifest.json",
         "train_log.jsonl",
     ]

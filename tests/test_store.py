@@ -21,6 +21,7 @@ from helpers import read_only, smollm2_tokenizer, tiny_llama, toy_kg
 from kalm import experiment
 from kalm.config import RunConfig, resolve
 from kalm.durable import RunStoreError, StoreWarning
+from kalm.evaluate.protocol import ValidationProbe
 from kalm.runs import Run
 from kalm.trainer import Trainer, TrainingDiverged
 from kalm.views import ViewBuilder
@@ -31,6 +32,7 @@ CFG = {"profile": "smoke", **CFG_OVERRIDES}
 
 # Every animal eats the next one and resembles the one after: 16 training examples.
 TRIPLES = [(i, 0, (i + 1) % 8) for i in range(8)] + [(i, 1, (i + 2) % 8) for i in range(0, 8, 2)]
+VALID = [(1, 1, 3), (3, 1, 5)]  # what the learning curve of a smoke run measures
 
 
 def tiny_load(cfg: RunConfig, precision: str | None = None):
@@ -41,7 +43,7 @@ def tiny_load(cfg: RunConfig, precision: str | None = None):
 def tiny_experiment(patch: pytest.MonkeyPatch) -> None:
     """Train a tiny random Llama on the toy graph wherever ``train_or_load`` would load one."""
     patch.setattr(experiment, "_load", tiny_load)
-    patch.setattr(experiment, "load_kg", lambda name: toy_kg(TRIPLES))
+    patch.setattr(experiment, "load_kg", lambda name: toy_kg(TRIPLES, valid=VALID))
 
 
 def leftovers(root: Path) -> list[str]:
@@ -84,6 +86,7 @@ def test_a_finished_run_records_every_file_and_its_sessions(run: Run) -> None:
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
         "config.json",
+        "curve.jsonl",
         "train_log.jsonl",
     ]
     assert not run.checkpoint_path.exists()
@@ -171,7 +174,9 @@ def _pause(cfg: RunConfig, steps: int) -> Run:
     model, tokenizer = tiny_load(cfg)
     run = Run.trained(cfg)
     run.path.mkdir(parents=True)
-    Trainer(model, tokenizer, toy_kg(TRIPLES), cfg, run).fit(stop_after=steps, progress=False)
+    kg = toy_kg(TRIPLES, valid=VALID)
+    probe = ValidationProbe.from_config(kg, cfg)  # as the experiment trains it
+    Trainer(model, tokenizer, kg, cfg, run, probe=probe).fit(stop_after=steps, progress=False)
     return run
 
 

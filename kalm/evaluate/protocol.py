@@ -177,6 +177,11 @@ class ValidationProbe:
     @classmethod
     def from_config(cls, kg: KnowledgeGraph, cfg: RunConfig) -> ValidationProbe:
         """The probe of the run ``cfg`` on its graph ``kg``."""
+        if len(kg.valid) == 0:
+            raise ValueError(
+                f"{kg.name} has no validation triples to measure a learning curve on; train "
+                "without one (curve_points=0) or give the graph a validation split"
+            )
         triples = sample_triples(kg.valid, cfg.train.curve_queries, cfg.seed)
         return cls(
             triples=triples,
