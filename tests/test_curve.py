@@ -149,5 +149,5 @@ def test_validation_probe_draws_its_queries_once(kg):
 def test_a_graph_without_validation_triples_has_no_curve():
     from helpers import toy_kg
 
-    with pytest.raises(ValueError, match="no validation triples.*curve_points=0"):
+    with pytest.raises(ValueError, match=r"no validation triples.*curve_points=0"):
         ValidationProbe.from_config(toy_kg([(0, 0, 1)]), resolve(profile="smoke"))
