@@ -6,8 +6,9 @@ and writes its network log. The test reads the DOM after MathJax ran: its output
 be there and no TeX delimiter may be left in the visible text; the log must show no request of
 the page to anything but local files. A second check (tests/layout_check.js) reads every page
 of the book at 1280 px and names each table, figure or display equation that is cut or runs
-out of the text column: a wide table may scroll in a box of its own, an equation must fit. Where Chromium is not installed (scripts/setup.sh
-installs it with apt-get where it can), the tests are skipped with the reason.
+out of the text column: a wide table may scroll in a box of its own, an equation must fit.
+Where Chromium is not installed (scripts/setup.sh installs it with apt-get where it can), the
+tests are skipped with the reason.
 """
 
 from __future__ import annotations
