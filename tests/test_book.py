@@ -95,7 +95,7 @@ def machine_paths(text: str) -> list[str]:
 
 def test_machine_path_scan_finds_a_repository_path() -> None:
     text = f"<em>PosixPath('{REPO_ROOT / 'book' / 'results' / 'regeneration.md'}')</em>"
-    assert machine_paths(text) == [f"{REPO_ROOT / 'book' / 'results' / 'regeneration.md'}')"]
+    assert machine_paths(text) == [str(REPO_ROOT / "book" / "results" / "regeneration.md")]
 
 
 def test_api_prints_no_machine_path(html: Path) -> None:
