@@ -105,8 +105,9 @@ def verify(
     executed: Path = EXECUTED,
 ) -> int:
     """Re-execute ``experiments`` from the published runs and compare their numbers with the
-    book's: the page's record in ``reference`` (``<page>.json``) and the numbers it glues into
-    its executed copy in ``executed``. Returns 1 on a mismatch, a page with nothing to compare
+    book's: the page's record in ``reference`` (``<record>.json``, named by
+    :attr:`~kalm.pages.Experiment.record`) and the numbers it glues into its executed copy in
+    ``executed``. Returns 1 on a mismatch, a page with nothing to compare
     or a run that is not published, else 0.
 
     The pages run against an empty temporary run store, so every trained run comes from
@@ -143,7 +144,9 @@ def verify(
         for experiment in experiments:
             problems, compared = [], []
             for book, read in ((reference, read_json), (executed, glued_numbers)):
-                name = f"{experiment.page}.{'json' if read is read_json else 'ipynb'}"
+                name = (
+                    f"{experiment.record}.json" if read is read_json else f"{experiment.page}.ipynb"
+                )
                 if not (book / name).is_file():
                     continue
                 compared.append(str(book / name))

@@ -9,8 +9,9 @@ cached embeddings come from the run store, so only the first notebook of a run t
 Without page names the experiment pages run (``make experiments``); ``--studies`` runs the
 study pages instead (``make studies``: the self-negative, tuning and lambda studies, whose many
 short runs take longer than the rest of the book). Every page writes its headline numbers to
-``book/results/<page>.json``; ``--results-dir`` sends them elsewhere, and ``--compare DIR``
-sets the numbers of such a rerun beside the book's. ``--prose`` reruns nothing: it gives the
+its record, ``book/results/<record>.json`` (:attr:`kalm.pages.Experiment.record`);
+``--results-dir`` sends them elsewhere, and ``--compare DIR`` sets the numbers of such a rerun
+beside the book's. ``--prose`` reruns nothing: it gives the
 executed pages the current markdown of their sources.
 
 Trained runs come from the run store or, when the book publishes them, from ``book/runs/``
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "--verify",
         action="store_true",
         help="re-execute the chosen pages from the published runs into a temporary directory and "
-        "compare every number of their book/results/<page>.json; exit 1 on a mismatch",
+        "compare every number of their records in book/results/; exit 1 on a mismatch",
     )
     parser.add_argument(
         "--tolerance",

@@ -3,7 +3,8 @@
 Each book page is a notebook of ``notebooks/`` executed by papermill with explicit parameters
 (the profile is resolved here, so the executed copy records ``cpu`` rather than ``auto``), into
 ``book/experiments/``; the executed copy records the precision and hardware of its runs, and
-:func:`regeneration_table` sums how long the pages took. The command line that drives this is
+:func:`regeneration_table` sums how long the pages took. Every page writes its record,
+``book/results/<record>.json`` (:attr:`Experiment.record`). The command line that drives this is
 ``python -m kalm.execute`` (:mod:`kalm.execute`); the runs of the pages are planned, published and
 verified by :mod:`kalm.book_runs`.
 """
@@ -57,6 +58,9 @@ class Experiment:
     ``own_runs`` marks a page that trains runs of its own besides its configuration's (the
     study arms), so that ``--retrain`` reaches them even when an earlier page retrained the
     configuration's run. ``study`` marks a page of ``make studies`` rather than ``make book``.
+    ``record`` names the record the page writes, ``book/results/<record>.json``
+    (:func:`kalm.results.publish`): a page run for several datasets writes one per dataset
+    (``kgc_wn18rr``, ``kgc_fb15k237``), so it is declared with the page, never derived.
     """
 
     notebook: str
@@ -64,20 +68,28 @@ class Experiment:
     parameters: dict[str, Any] = field(default_factory=dict)
     own_runs: bool = False
     study: bool = False
+    record: str = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        if not self.record or "/" in self.record or self.record.endswith(".json"):
+            raise ValueError(
+                f"page {self.page!r}: record {self.record!r} must be the name of its results "
+                f"file without '.json', e.g. record={self.page!r}"
+            )
 
 
 # In execution order: the WN18RR KGC run trains the adapter that the next pages reuse; the
 # FB15k-237 page and the studies train runs of their own.
 BOOK_EXPERIMENTS: tuple[Experiment, ...] = (
-    Experiment("kgc", "kgc"),
-    Experiment("similarity", "similarity"),
-    Experiment("kgqa", "kgqa"),
-    Experiment("lm", "lm"),
-    Experiment("theorems", "theorems"),
-    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237"}),
-    Experiment("ablation", "ablation", own_runs=True, study=True),
-    Experiment("tuning", "tuning", own_runs=True, study=True),
-    Experiment("lam", "lam", own_runs=True, study=True),
+    Experiment("kgc", "kgc", record="kgc_wn18rr"),
+    Experiment("similarity", "similarity", record="similarity"),
+    Experiment("kgqa", "kgqa", record="kgqa_wn18rr"),
+    Experiment("lm", "lm", record="lm"),
+    Experiment("theorems", "theorems", record="theorems"),
+    Experiment("kgc", "kgc_fb15k237", {"dataset": "fb15k237"}, record="kgc_fb15k237"),
+    Experiment("ablation", "ablation", own_runs=True, study=True, record="ablation"),
+    Experiment("tuning", "tuning", own_runs=True, study=True, record="tuning"),
+    Experiment("lam", "lam", own_runs=True, study=True, record="lam"),
 )
 
 
@@ -243,9 +255,10 @@ def training_plan(cfg: RunConfig, *, retrain: bool = False) -> str | None:
 
 def regeneration_table(executed: Path = EXECUTED) -> str:
     """Markdown table of the executed pages: profile, precision, hardware, minutes and date of
-    their papermill run (from the executed notebooks' own metadata), with the totals of the book
-    and the studies. A page trains its runs when the run store lacks them, so its minutes
-    include training; a page executed before provenance was recorded says so."""
+    their papermill run (from the executed notebooks' own metadata) and the record each writes,
+    with the totals of the book, of the studies and of both, summed here from the rows (the
+    chapter states no time of its own). A page trains its runs when the run store lacks them,
+    so its minutes include training; a page executed before provenance was recorded says so."""
     rows, totals = [], {False: 0.0, True: 0.0}
     for e in BOOK_EXPERIMENTS:
         path = executed / f"{e.page}.ipynb"
@@ -261,16 +274,18 @@ def regeneration_table(executed: Path = EXECUTED) -> str:
             f"{meta.get('parameters', {}).get('profile', '?')} | "
             f"{provenance.get('precision', 'not recorded')} | "
             f"{provenance.get('hardware', 'not recorded')} | {minutes:.1f} | "
-            f"{str(meta.get('end_time', '?'))[:10]} |"
+            f"{str(meta.get('end_time', '?'))[:10]} | `{e.record}.json` |"
         )
+    whole = totals[False] + totals[True]
     return (
         "\n".join(
             [
-                "| page | target | profile | precision | hardware | minutes | executed |",
-                "|---|---|---|---|---|---|---|",
+                "| page | target | profile | precision | hardware | minutes | executed | record |",
+                "|---|---|---|---|---|---|---|---|",
                 *rows,
-                f"| **all pages of `make book`** | | | | | **{totals[False]:.1f}** | |",
-                f"| **all pages of `make studies`** | | | | | **{totals[True]:.1f}** | |",
+                f"| **all pages of `make book`** | | | | | **{totals[False]:.1f}** | | |",
+                f"| **all pages of `make studies`** | | | | | **{totals[True]:.1f}** | | |",
+                f"| **the whole book** ({whole / 60:.1f} hours) | | | | | **{whole:.1f}** | | |",
             ]
         )
         + "\n"

@@ -1,4 +1,5 @@
-"""The headline numbers of every book page as data: ``book/results/<page>.json``.
+"""The headline numbers of every book page as data: ``book/results/<record>.json``, named by
+the page's :attr:`kalm.pages.Experiment.record` (one per dataset of a page run for several).
 
 Each experiment page writes a flat ``{"metric name": number}`` record, with the model, profile
 and dataset it ran and the number of queries behind it; :func:`report` writes it and glues each

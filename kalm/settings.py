@@ -25,7 +25,7 @@ from kalm.config import (
     load_config,
     resolve,
 )
-from kalm.data import DataError, load_kg
+from kalm.data.registry import get_dataset
 
 __all__ = ["MEANINGS", "profile_differences"]
 
@@ -52,8 +52,8 @@ def profile_differences(
     Besides the differing fields of ``train`` and ``eval``, the table has rows for the models
     that run each profile by default, for the training budget as a share of an epoch of
     `dataset` (its training triples and their inverses), and for the test set (sample or full).
-    Epoch and test-set sizes are counted from the dataset files when they are on disk (nothing
-    is downloaded); otherwise the budget row states the formula.
+    Epoch and test-set sizes come from the dataset registry's counts of the pinned files
+    (:attr:`kalm.data.registry.DatasetSpec.triples`), so nothing is read or downloaded.
 
     Returns a DataFrame indexed by setting with the columns ``meaning``, `base` and `other`.
     """
@@ -109,13 +109,12 @@ def _zero_means(field: str) -> str:
     return ""
 
 
-def _dataset_sizes(dataset: str) -> dict[str, int] | None:
-    """Training examples (triples and inverses) and test triples, if the files are on disk."""
-    try:
-        kg = load_kg(dataset, download=False)
-    except DataError:
-        return None
-    return {"examples": 2 * len(kg.train), "test": len(kg.test)}
+def _dataset_sizes(dataset: str) -> dict[str, int]:
+    """Training examples (triples and inverses) and test triples, from the dataset registry's
+    counts (pinned with the files' hashes), so the table is the same whether or not the files
+    are on the machine that builds the book."""
+    triples = get_dataset(dataset).triples
+    return {"examples": 2 * triples["train"], "test": triples["test"]}
 
 
 def _models(config: Config, profile: str) -> str:
@@ -123,7 +122,7 @@ def _models(config: Config, profile: str) -> str:
     return ", ".join(names) or "–"
 
 
-def _budget(run: RunConfig, sizes: dict[str, int] | None) -> str:
+def _budget(run: RunConfig, sizes: dict[str, int]) -> str:
     t = run.train
     if t.max_steps == 0:
         return f"{t.epochs:g} epochs"
@@ -134,17 +133,14 @@ def _budget(run: RunConfig, sizes: dict[str, int] | None) -> str:
     if t.processes > 1:
         per_step += f" × {t.processes} processes"
     text = f"{t.max_steps:,} steps × {per_step} = {seen:,} examples"
-    if sizes is None:
-        return f"{text}; share of an epoch = steps × batch / (2 × training triples)"
     return f"{text} = {seen / sizes['examples']:.1%} of one epoch ({sizes['examples']:,})"
 
 
-def _test_set(run: RunConfig, sizes: dict[str, int] | None) -> str:
+def _test_set(run: RunConfig, sizes: dict[str, int]) -> str:
     n = run.eval.test_queries
-    total = f" of {sizes['test']:,}" if sizes else ""
-    if n == 0 or (sizes is not None and n >= sizes["test"]):
-        return f"full ({sizes['test']:,} triples)" if sizes else "full"
-    return f"a sample of {n:,}{total} (fixed seed)"
+    if n == 0 or n >= sizes["test"]:
+        return f"full ({sizes['test']:,} triples)"
+    return f"a sample of {n:,} of {sizes['test']:,} (fixed seed)"
 
 
 def _stated_precision(config: Config, profile: str, resolved: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from kalm.results import labels, results_dir
 from kalm.runs import Run
 
 __all__ = [
+    "ABLATION_COLUMNS",
     "IN_BATCH_ONLY",
     "LAMBDAS",
     "LANGUAGE_SETTINGS",
@@ -46,6 +48,7 @@ __all__ = [
     "Arm",
     "arm_config",
     "arm_record",
+    "arm_table",
     "base_language",
     "choose",
     "evaluate_arm",
@@ -54,7 +57,11 @@ __all__ = [
     "lambda_label",
     "record_key",
     "run_study",
+    "seed_label",
+    "seed_noise",
     "self_negative_arms",
+    "self_negative_choice",
+    "self_negative_table",
     "tuned_settings",
     "tuning_arms",
     "tuning_choice",
@@ -320,6 +327,20 @@ def arm_record(table: pd.DataFrame, columns: Sequence[str]) -> dict[str, float]:
     }
 
 
+def arm_table(
+    record: Mapping[str, Any], labels: Sequence[str], columns: Sequence[str]
+) -> pd.DataFrame | None:
+    """The numbers of ``columns`` for the arms ``labels`` of a study page's record (keyed by
+    :func:`record_key`), one row per arm; None when the record lacks one of them."""
+    try:
+        rows = {
+            label: {c: float(record[record_key(label, c)]) for c in columns} for label in labels
+        }
+    except KeyError:
+        return None
+    return pd.DataFrame(rows).T
+
+
 def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
     """The tuning study's per-arm numbers from the tuning page's record
     (``<results>/tuning.json``), or None when there is none for ``cfg``'s model, profile,
@@ -331,14 +352,7 @@ def tuning_record(cfg: RunConfig) -> pd.DataFrame | None:
     expected = {**labels(cfg), "examples_per_arm": cfg.eval.study_examples}
     if any(record.get(key) != value for key, value in expected.items()):
         return None
-    try:
-        rows = {
-            arm.label: {c: float(record[record_key(arm.label, c)]) for c in TUNING_COLUMNS}
-            for arm in tuning_arms()
-        }
-    except KeyError:
-        return None
-    return pd.DataFrame(rows).T
+    return arm_table(record, [arm.label for arm in tuning_arms()], TUNING_COLUMNS)
 
 
 def tuned_settings(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -367,3 +381,75 @@ def lambda_choice(table: pd.DataFrame) -> str:
     """The lambda rule, fixed before the runs: the best validation MRR among arms whose
     perplexity is at most :data:`PERPLEXITY_LIMIT` times the untuned model's (any arm if none)."""
     return choose(table, admissible=lambda row: row["perplexity / base"] <= PERPLEXITY_LIMIT)
+
+
+ABLATION_COLUMNS = {"MRR": "mrr", "Hits@1": "hits1", "head outranks gold": "head_outranks_gold"}
+"""The per-arm numbers of the self-negative page's record, with the key of each in the record
+of one seed (``off_mrr``, ``trained_hits1`` …)."""
+
+_ONE_SEED_KEYS = {
+    IN_BATCH_ONLY: "off",
+    SELF_NEGATIVES_CONSTANT: "constant",
+    SELF_NEGATIVES_TRAINED: "trained",
+}
+_SEED_LABEL = re.compile(r"^(?P<arm>.+), seed (?P<seed>\d+)$")
+
+
+def seed_label(arm: str, seed: int) -> str:
+    """The label of one seed of an arm in a record of several seeds: its numbers are keyed
+    ``record_key(seed_label(arm, seed), column)``, e.g. ``"in-batch negatives only, seed 1:
+    MRR"``."""
+    return f"{arm}, seed {seed}"
+
+
+def self_negative_table(record: Mapping[str, Any], *, seed: int = 0) -> pd.DataFrame:
+    """The self-negative study's numbers (:data:`ABLATION_COLUMNS`) from its page's record,
+    one row per arm and seed (index levels ``arm``, ``seed``).
+
+    Two layouts are read: keys of :func:`seed_label` (any number of seeds per arm), and the
+    record of one seed (``off_mrr``, ``constant_mrr``, ``trained_mrr`` …), whose rows get
+    ``seed``. A record with neither is refused with its keys named.
+    """
+    rows: dict[tuple[str, int], dict[str, float]] = {}
+    for key, value in record.items():
+        label, _, column = str(key).rpartition(": ")
+        match = _SEED_LABEL.match(label)
+        if match and column in ABLATION_COLUMNS:
+            rows.setdefault((match["arm"], int(match["seed"])), {})[column] = float(value)
+    if not rows:
+        for arm, prefix in _ONE_SEED_KEYS.items():
+            numbers = {c: record.get(f"{prefix}_{k}") for c, k in ABLATION_COLUMNS.items()}
+            if all(v is not None for v in numbers.values()):
+                rows[(arm, seed)] = {c: float(v) for c, v in numbers.items()}
+    if not rows:
+        raise ValueError(
+            f"the self-negative record has no arm's numbers (keys {sorted(record)}): expected "
+            f"'{record_key(seed_label(IN_BATCH_ONLY, 0), 'MRR')}' or 'off_mrr' and the like"
+        )
+    table = pd.DataFrame(rows).T
+    table.index = table.index.set_names(["arm", "seed"])
+    return table.sort_index()
+
+
+def seed_noise(table: pd.DataFrame, arms: Sequence[str]) -> float:
+    """The noise between seeds of ``arms`` in a table of :func:`self_negative_table`: the
+    largest difference of validation MRR between two seeds of one arm (0 when no arm has two
+    seeds, which is no estimate of the noise)."""
+    spread = table.loc[list(arms), "MRR"].groupby(level="arm").agg(lambda s: s.max() - s.min())
+    return float(spread.max())
+
+
+def self_negative_choice(table: pd.DataFrame) -> str:
+    """The self-negative rule, fixed before the runs: keep the cheaper arm, in-batch negatives
+    only, unless the dearer one, self-negatives trained through (one more encoder pass per row,
+    with gradient), has a higher mean validation MRR over its seeds by more than the noise
+    between seeds (:func:`seed_noise`). Every arm sees the same number of examples, so the
+    arms differ only in their negatives. With one seed per arm there is no noise estimate and
+    the dearer arm must simply be better."""
+    pair = [IN_BATCH_ONLY, SELF_NEGATIVES_TRAINED]
+    missing = [arm for arm in pair if arm not in table.index.get_level_values("arm")]
+    if missing:
+        raise ValueError(f"the self-negative table lacks the arm(s) {missing}")
+    mean = table.loc[pair, "MRR"].groupby(level="arm").mean()
+    gain = mean[SELF_NEGATIVES_TRAINED] - mean[IN_BATCH_ONLY]
+    return SELF_NEGATIVES_TRAINED if gain > seed_noise(table, pair) else IN_BATCH_ONLY

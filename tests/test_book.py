@@ -84,6 +84,28 @@ def test_api_documents_load_kg(html: Path) -> None:
     assert 'id="kalm.data.load_kg"' in page(html, "api")
 
 
+def machine_paths(text: str) -> list[str]:
+    """Absolute paths of the machine that built the book found in `text`: the checkout's and
+    the home directory's (a reader's checkout is elsewhere)."""
+    roots = {str(REPO_ROOT), str(REPO_ROOT.resolve()), str(Path.home())}
+    return sorted(
+        {m.group(0) for r in roots for m in re.finditer(re.escape(r) + r"[^\s<\"']*", text)}
+    )
+
+
+def test_machine_path_scan_finds_a_repository_path() -> None:
+    text = f"<em>PosixPath('{REPO_ROOT / 'book' / 'results' / 'regeneration.md'}')</em>"
+    assert machine_paths(text) == [str(REPO_ROOT / "book" / "results" / "regeneration.md")]
+
+
+def test_api_prints_no_machine_path(html: Path) -> None:
+    """Module paths (kalm.pages.REGENERATION) and path defaults are shown relative to the
+    repository, as in a reader's checkout."""
+    text = page(html, "api")
+    assert not machine_paths(text), f"api.html holds machine paths: {machine_paths(text)[:5]}"
+    assert "book/results/regeneration.md" in text
+
+
 def test_bibliography_renders_and_citations_link_to_it(html: Path) -> None:
     text = page(html, "bibliography").lower()
     assert "knowledge-aligned autoregressive language modeling" in text

@@ -184,11 +184,65 @@ def test_executed_pages_record_their_precision_and_hardware(
     }
     rows = pages.regeneration_table(tmp_path).splitlines()
     assert (
-        "| kgc | make book | smoke | fp32 | 2 CPU cores, no native bf16 | 1.5 | 2026-12-02 |"
+        "| kgc | make book | smoke | fp32 | 2 CPU cores, no native bf16 | 1.5 | 2026-12-02 "
+        "| `kgc_wn18rr.json` |" in rows
+    )
+    assert (
+        "| lm | make book | smoke | not recorded | not recorded | 1.5 | 2026-12-02 | `lm.json` |"
         in rows
     )
-    assert "| lm | make book | smoke | not recorded | not recorded | 1.5 | 2026-12-02 |" in rows
-    assert "| **all pages of `make book`** | | | | | **3.0** | |" in rows
+    assert "| **all pages of `make book`** | | | | | **3.0** | | |" in rows
+    assert "| **all pages of `make studies`** | | | | | **0.0** | | |" in rows
+    assert "| **the whole book** (0.1 hours) | | | | | **3.0** | | |" in rows
+
+
+def test_the_regeneration_total_is_the_sum_of_its_rows(tmp_path: Path) -> None:
+    """The chapter's times are the table's: the book's, the studies' and the whole, summed
+    from the pages' own papermill durations."""
+    for page, seconds in (("kgc", 3600.0), ("lm", 600.0), ("tuning", 1800.0)):
+        meta = {"papermill": {"duration": seconds, "parameters": {"profile": "cpu"}}}
+        (tmp_path / f"{page}.ipynb").write_text(json.dumps({"cells": [], "metadata": meta}))
+    rows = pages.regeneration_table(tmp_path).splitlines()
+    assert "| **all pages of `make book`** | | | | | **70.0** | | |" in rows
+    assert "| **all pages of `make studies`** | | | | | **30.0** | | |" in rows
+    assert "| **the whole book** (1.7 hours) | | | | | **100.0** | | |" in rows
+
+
+def test_every_page_declares_the_record_it_writes() -> None:
+    """A page names its results file (book/results/<record>.json); a page run for several
+    datasets writes one per dataset, so no two pages share a record."""
+    records = {e.page: e.record for e in pages.BOOK_EXPERIMENTS}
+    assert records["kgc"] == "kgc_wn18rr" and records["kgc_fb15k237"] == "kgc_fb15k237"
+    assert records["kgqa"] == "kgqa_wn18rr"
+    assert len(set(records.values())) == len(records), records
+    for e in pages.BOOK_EXPERIMENTS:
+        dataset = e.parameters.get("dataset")
+        if dataset is not None and e.notebook in ("kgc", "kgqa"):
+            assert e.record == f"{e.notebook}_{dataset}", e
+    with pytest.raises(TypeError, match="record"):
+        pages.Experiment("lm", "lm")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="record='lm'"):
+        pages.Experiment("lm", "lm", record="lm.json")
+
+
+def test_executing_any_page_records_its_precision_and_hardware(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The one execution path (pages.execute, used by `make book`, `make studies` and
+    --verify) writes the provenance into every page it executes."""
+    import papermill
+
+    def run(source: str, target: str, **_: object) -> None:
+        meta = {"papermill": {"duration": 1.0, "parameters": {"profile": "smoke"}}}
+        Path(target).write_text(json.dumps({"cells": [], "metadata": meta}))
+
+    monkeypatch.setattr(papermill, "execute_notebook", run)
+    monkeypatch.setattr(hardware, "describe", lambda: "2 CPU cores, no native bf16")
+    for e in pages.BOOK_EXPERIMENTS:
+        path = pages.execute(e, profile="smoke", executed=tmp_path)
+        provenance = json.loads(path.read_text())["metadata"].get("kalm")
+        assert provenance == {"precision": "fp32", "hardware": "2 CPU cores, no native bf16"}, e
+    assert "not recorded" not in pages.regeneration_table(tmp_path)
 
 
 def _notebook(*cells: tuple[str, str, list[str]]) -> dict[str, Any]:
@@ -207,7 +261,7 @@ def _notebook(*cells: tuple[str, str, list[str]]) -> dict[str, Any]:
 def test_prose_of_an_executed_page_follows_its_source_without_a_rerun(tmp_path: Path) -> None:
     """Markdown edits reach the executed copy with every output kept; a code edit is refused
     with the command that re-executes the page; an unchanged page stays byte for byte."""
-    page = pages.Experiment("study", "study")
+    page = pages.Experiment("study", "study", record="study")
     executed, notebooks = tmp_path / "executed", tmp_path / "notebooks"
     executed.mkdir(), notebooks.mkdir()
     ran = _notebook(
@@ -252,7 +306,7 @@ def test_prose_of_an_executed_page_follows_its_source_without_a_rerun(tmp_path: 
         pages.refresh_prose(page, executed=executed, notebooks=notebooks)
     with pytest.raises(ValueError, match=r"missing: run `python -m kalm.execute lost`"):
         pages.refresh_prose(
-            pages.Experiment("study", "lost"), executed=executed, notebooks=notebooks
+            pages.Experiment("study", "lost", record="lost"), executed=executed, notebooks=notebooks
         )
 
 

@@ -345,7 +345,8 @@ def test_verify_compares_every_number_within_the_stated_tolerance(
     book = {"reference": tmp_path / "results", "executed": tmp_path / "pages"}
     for folder in book.values():
         folder.mkdir()
-    (book["reference"] / "kgc.json").write_text(json.dumps({"model": "smollm2", "MRR": 0.5}))
+    record = f"{kgc.record}.json"  # the page's record: kgc_wn18rr.json
+    (book["reference"] / record).write_text(json.dumps({"model": "smollm2", "MRR": 0.5}))
     (book["executed"] / "kgc.ipynb").write_text(glued(kgc_mrr=0.5, kgc_n=10, kgc_ex_per_s=3.0))
     assert book_runs.verify([kgc], profile="smoke", **book) == 1
     assert "not published, so not verifiable without training" in capsys.readouterr().err
@@ -357,7 +358,7 @@ def test_verify_compares_every_number_within_the_stated_tolerance(
         out = kwargs["results_dir"]
         assert isinstance(out, Path) and out == kwargs["executed"]
         assert kwargs["runs_dir"] == out / "runs"  # an empty store
-        (out / "kgc.json").write_text(json.dumps({"model": "smollm2", "MRR": rerun["mrr"]}))
+        (out / record).write_text(json.dumps({"model": "smollm2", "MRR": rerun["mrr"]}))
         notebook = glued(kgc_mrr=rerun["mrr"], kgc_n=rerun["n"], kgc_ex_per_s=9.0)
         (out / "kgc.ipynb").write_text(notebook)
         return out / "kgc.ipynb"
@@ -369,7 +370,7 @@ def test_verify_compares_every_number_within_the_stated_tolerance(
     rerun["mrr"] = 0.6
     assert book_runs.verify([kgc], profile="smoke", **book) == 1
     out = capsys.readouterr().out
-    assert "kgc.json: MRR: 0.5 in the book, 0.6 in the rerun (16.67%)" in out
+    assert "kgc_wn18rr.json: MRR: 0.5 in the book, 0.6 in the rerun (16.67%)" in out
     assert "kgc.ipynb: kgc_mrr: 0.5 in the book, 0.6 in the rerun (16.67%)" in out
     assert book_runs.verify([kgc], profile="smoke", **book, tolerance=0.2) == 0
     rerun["n"] = 11

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from kalm.config import EvalConfig, TrainConfig, config_path, load_config, resolve
+from kalm.data import load_kg
+from kalm.data.registry import DATASETS
 from kalm.settings import MEANINGS, profile_differences
 
 
@@ -24,11 +27,17 @@ def test_every_field_has_a_one_line_meaning() -> None:
 
 def test_lists_exactly_the_differing_fields() -> None:
     raw = yaml.safe_load(config_path().read_text())["profiles"]
+    # a field a profile leaves out takes its declared default
+    defaults = {
+        section: {f.name: f.default for f in dataclasses.fields(cls)}
+        for section, cls in (("train", TrainConfig), ("eval", EvalConfig))
+    }
     expected = {
         f"{section}.{key}"
         for section in ("train", "eval")
-        for key, value in raw["paper"][section].items()
-        if raw["cpu"][section][key] != value
+        for key in {*raw["paper"][section], *raw["cpu"][section]}
+        if raw["cpu"][section].get(key, defaults[section][key])
+        != raw["paper"][section].get(key, defaults[section][key])
     }
     table = profile_differences("paper", "cpu")
     fields = {s for s in table.index if "." in s}
@@ -49,7 +58,7 @@ def test_budget_as_share_of_an_epoch(kg) -> None:
     seen = cpu["max_steps"] * cpu["batch_size"]
     share = seen / (2 * len(kg.train))
     assert table.loc["training budget", "cpu"] == (
-        f"{cpu['max_steps']} steps × {cpu['batch_size']} = {seen:,} examples = {share:.1%} "
+        f"{cpu['max_steps']:,} steps × {cpu['batch_size']} = {seen:,} examples = {share:.1%} "
         f"of one epoch ({2 * len(kg.train):,})"
     )
     assert table.loc["training budget", "paper"] == "20 epochs"
@@ -57,14 +66,25 @@ def test_budget_as_share_of_an_epoch(kg) -> None:
     assert table.loc["test set", "cpu"].startswith("a sample of 1,000 of")
 
 
-def test_without_data_files_the_formula_is_stated(
+def test_without_data_files_the_share_is_a_value(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A book built where the dataset files are not on disk states the share of an epoch as a
+    number, not as a formula."""
     monkeypatch.setenv("KALM_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("KALM_CACHE_DIR", str(tmp_path / "cache"))
     table = profile_differences("paper", "cpu", dataset="wn18rr")
-    assert "steps × batch / (2 × training triples)" in table.loc["training budget", "cpu"]
-    assert table.loc["test set", "paper"] == "full"
+    budget = table.loc["training budget", "cpu"]
+    assert re.search(r"= \d+\.\d% of one epoch \(173,670\)$", budget), budget
+    assert table.loc["test set", "paper"] == "full (3,134 triples)"
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_registry_counts_the_triples_of_the_files(name: str) -> None:
+    """The registry's split sizes, from which the book states an epoch and the test set, are
+    those of the pinned files."""
+    kg = load_kg(name, download=False)
+    assert DATASETS[name].triples == {s: len(getattr(kg, s)) for s in ("train", "valid", "test")}
 
 
 def test_same_profile_has_no_differing_field() -> None:

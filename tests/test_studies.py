@@ -209,3 +209,94 @@ def test_an_arm_counts_the_examples_of_its_global_batch(
     metrics = studies.evaluate_arm(arm, progress=False)
     assert metrics["steps"] == 2
     assert metrics["examples"] == metrics["steps"] * 8 == cfg.eval.study_examples
+
+
+def seeds(mrr: dict[tuple[str, int], float]) -> dict[str, float]:
+    """A self-negative record of several seeds (:func:`studies.seed_label`) with these MRRs."""
+    return {
+        studies.record_key(studies.seed_label(arm, seed), column): value
+        for (arm, seed), m in mrr.items()
+        for column, value in (("MRR", m), ("Hits@1", m / 2), ("head outranks gold", 0.5))
+    }
+
+
+def test_self_negative_table_reads_both_record_layouts() -> None:
+    one_seed = json.loads((BOOK_RESULTS / "ablation.json").read_text())
+    table = studies.self_negative_table(one_seed)
+    assert table.loc[(studies.IN_BATCH_ONLY, 0), "MRR"] == one_seed["off_mrr"]
+    assert table.loc[(studies.SELF_NEGATIVES_TRAINED, 0), "Hits@1"] == one_seed["trained_hits1"]
+    assert len(table) == 3
+    record = seeds({(studies.IN_BATCH_ONLY, 0): 0.2, (studies.IN_BATCH_ONLY, 1): 0.25})
+    assert "in-batch negatives only, seed 1: MRR" in record
+    table = studies.self_negative_table({"model": "smollm2", **record})
+    assert list(table.index) == [(studies.IN_BATCH_ONLY, 0), (studies.IN_BATCH_ONLY, 1)]
+    assert table.loc[(studies.IN_BATCH_ONLY, 1), "MRR"] == 0.25
+    with pytest.raises(ValueError, match="off_mrr"):
+        studies.self_negative_table({"model": "smollm2"})
+
+
+def test_self_negative_rule_with_one_seed_needs_the_dearer_arm_better() -> None:
+    cheap, dear = studies.IN_BATCH_ONLY, studies.SELF_NEGATIVES_TRAINED
+
+    def choice(a: float, b: float) -> str:
+        return studies.self_negative_choice(
+            studies.self_negative_table(seeds({(cheap, 0): a, (dear, 0): b}))
+        )
+
+    assert choice(0.20, 0.21) == dear
+    assert choice(0.20, 0.20) == cheap  # a tie keeps the cheaper arm
+    assert choice(0.21, 0.20) == cheap
+
+
+def test_self_negative_rule_needs_more_than_the_noise_between_seeds() -> None:
+    cheap, dear = studies.IN_BATCH_ONLY, studies.SELF_NEGATIVES_TRAINED
+    # seeds of the cheaper arm differ by 0.04: a gain of 0.03 in the mean is noise
+    noisy = {(cheap, 0): 0.20, (cheap, 1): 0.24, (dear, 0): 0.25, (dear, 1): 0.25}
+    table = studies.self_negative_table(seeds(noisy))
+    assert studies.seed_noise(table, [cheap, dear]) == pytest.approx(0.04)
+    assert studies.self_negative_choice(table) == cheap
+    clear = {**noisy, (dear, 0): 0.27, (dear, 1): 0.28}  # a gain of 0.055 > 0.04
+    assert studies.self_negative_choice(studies.self_negative_table(seeds(clear))) == dear
+    # the noise of the dearer arm counts as well
+    spread = {(cheap, 0): 0.20, (cheap, 1): 0.20, (dear, 0): 0.21, (dear, 1): 0.29}
+    assert studies.self_negative_choice(studies.self_negative_table(seeds(spread))) == cheap
+
+
+def test_cpu_profile_takes_the_choices_of_the_studies_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The studies' rules applied to the book's records (book/results/) choose the settings
+    of the `cpu` profile: learning rate, batch size and LoRA from the tuning study, λ from the
+    λ study, the negatives from the self-negative study."""
+    monkeypatch.setenv("KALM_RESULTS_DIR", str(BOOK_RESULTS))
+    cfg = resolve(profile="cpu")
+    tuning = studies.tuning_record(cfg)
+    assert tuning is not None, (
+        f"{BOOK_RESULTS / 'tuning.json'} is not the tuning record of the cpu profile's model, "
+        f"dataset and budget of {cfg.eval.study_examples} examples per arm: run `make studies`"
+    )
+    tuned = next(a for a in studies.tuning_arms() if a.label == studies.tuning_choice(tuning))
+    for name in ("lr", "batch_size", "lora_targets", "lora_r", "lora_alpha"):
+        chosen = tuned.changes[name]
+        value = getattr(cfg.train, name)
+        assert (list(value) if isinstance(chosen, list) else value) == chosen, (
+            f"cpu profile: train.{name} = {value!r}, the tuning study chose {chosen!r} "
+            f"({tuned.label}); set it in _config.yml"
+        )
+    lam = json.loads((BOOK_RESULTS / "lam.json").read_text())
+    labels = {studies.lambda_label(x): x for x in studies.LAMBDAS}
+    lam_table = studies.arm_table(lam, list(labels), studies.TUNING_COLUMNS)
+    assert lam_table is not None, f"{BOOK_RESULTS / 'lam.json'} lacks an arm of {list(labels)}"
+    assert cfg.train.lam == labels[studies.lambda_choice(lam_table)], (
+        f"cpu profile: train.lam = {cfg.train.lam}, the λ study chose "
+        f"{studies.lambda_choice(lam_table)}; set it in _config.yml"
+    )
+    ablation = json.loads((BOOK_RESULTS / "ablation.json").read_text())
+    negatives = studies.self_negative_choice(studies.self_negative_table(ablation))
+    arm = next(a for a in studies.self_negative_arms() if a.label == negatives)
+    assert cfg.train.self_negatives == arm.changes["self_negatives"], (
+        f"cpu profile: train.self_negatives = {cfg.train.self_negatives}, the self-negative "
+        f"study chose {negatives}; set it in _config.yml"
+    )
+    if arm.changes["self_negatives"]:
+        assert cfg.train.self_negative_grad == arm.changes["self_negative_grad"]
