@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    ANIMALS,
     bert_style_tokenizer,
     save_tiny_bert,
     smollm2_tokenizer,
@@ -43,7 +44,7 @@ EATS, RESEMBLES = 0, 1
 TRAIN = [(0, EATS, 1), (2, EATS, 3), (4, EATS, 5), (1, RESEMBLES, 3), (2, EATS, 6), (7, EATS, 0)]
 VALID = [(3, RESEMBLES, 1)]
 TEST = [(6, EATS, 7), (5, RESEMBLES, 4)]
-DESCRIPTIONS = tuple(f"a large animal that hunts number {i}" for i in range(8))
+DESCRIPTIONS = tuple(f"a large animal that hunts {ANIMALS[(i + 1) % 8]}" for i in range(8))
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +174,11 @@ def test_an_encoder_reads_simkgc_views() -> None:
     )
     views = ViewBuilder.from_config(kg, tokenizer, cfg)
     assert isinstance(views, SimKGCViews)
-    assert views.hr_text(0, EATS) == (
-        "[CLS] dog : a large animal that hunts number 0 [SEP] eats [SEP]"
-    )
+    assert views.hr_text(0, EATS) == ("[CLS] dog : a large animal that hunts cat [SEP] eats [SEP]")
     assert views.hr_text(1, EATS + kg.num_relations) == (
-        "[CLS] cat : a large animal that hunts number 1 [SEP] inverse eats [SEP]"
+        "[CLS] cat : a large animal that hunts wolf [SEP] inverse eats [SEP]"
     )
-    assert views.tail_text(2) == "[CLS] wolf : a large animal that hunts number 2 [SEP]"
+    assert views.tail_text(2) == "[CLS] wolf : a large animal that hunts lion [SEP]"
     assert views.tail_ids([2]) == [tokenizer(views.entity_texts[2])["input_ids"]]
 
 
@@ -191,7 +190,7 @@ def test_simkgc_views_are_cut_to_max_tokens_with_their_special_tokens() -> None:
     (tail,) = views.tail_ids([0])
     assert len(hr) == len(tail) == 6
     # The pair keeps its relation (the longer text loses tokens) and both [SEP].
-    assert tokenizer.decode(hr) == "[CLS] dog : a [SEP] eats [SEP]"
+    assert tokenizer.decode(hr) == "[CLS] dog : [SEP] eats [SEP]"
     assert tokenizer.decode(tail).endswith("[SEP]")
 
 
