@@ -120,7 +120,7 @@ def test_kalm_profile_overrides_auto_but_not_an_explicit_profile(
     [
         (
             {"model": "gpt5"},
-            r"unknown model 'gpt5'; valid models: smollm2, llama2, llama3, mistral",
+            r"unknown model 'gpt5'; valid models: smollm2, minilm, llama2, llama3, mistral",
         ),
         ({"dataset": "yago"}, r"unknown dataset 'yago'; valid datasets: wn18rr, fb15k237"),
         ({"profile": "huge"}, r"unknown profile 'huge'; valid profiles: smoke, cpu, paper"),
