@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from kalm.hardware import native_precision
-from kalm.weights import parameter_count, weight_files
+from kalm.weights import encoder_pooling, parameter_count, weight_files
 
 __all__ = [
     "RULES",
@@ -349,10 +349,14 @@ class EvalConfig:
 class ModelSpec:
     """Where a model's weights come from and which profile it runs by default.
 
-    ``source`` is "gguf-package" (a GGUF file inside a pip package), "hub" (``hub_id`` is a
-    hub repository, read from the Hugging Face cache first, or a directory) or "local" (a model
-    directory named instead of an alias; ``hub_id`` holds its resolved path).
-    The spec is part of the run key, so the fields of existing specs never change.
+    ``source`` is "gguf-package" (a GGUF file inside a pip package), "package" (a model
+    directory, ``file``, inside the pip package ``package``, read like a local directory),
+    "hub" (``hub_id`` is a hub repository, read from the Hugging Face cache first, or a
+    directory) or "local" (a model directory named instead of an alias; ``hub_id`` holds its
+    resolved path). ``kind`` is "causal" (a causal LM, pooled at its last token) or "encoder"
+    (a bidirectional bi-encoder, pooled as its sentence-transformers configuration says).
+    The spec is part of the run key, so the fields of existing specs never change; fields
+    added later are left out of the key at their default (see :meth:`RunConfig.train_key`).
     """
 
     alias: str
@@ -361,6 +365,12 @@ class ModelSpec:
     hub_id: str = ""
     package: str = ""
     file: str = ""
+    kind: str = dataclasses.field(default="causal", metadata={"added": True})
+
+    @property
+    def is_encoder(self) -> bool:
+        """Whether the model is a bidirectional encoder (no LM head, SimKGC's views)."""
+        return self.kind == "encoder"
 
     @property
     def store_name(self) -> str:
@@ -437,6 +447,16 @@ class RunConfig:
     eval: EvalConfig
     session: Session = dataclasses.field(default_factory=Session, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        """Refuse a run the model cannot train: L_imp needs an LM head, which an encoder lacks."""
+        if self.model.is_encoder and self.train.lam != 0:
+            raise ConfigError(
+                f"train.lam = {self.train.lam!r} (profile {self.profile}) is invalid for model "
+                f"{self.model.alias!r}: an encoder has no LM head, so it trains without the "
+                "triple-completion loss L_imp. Set lam=0 (the profiles' `encoder_train` "
+                "sections do)"
+            )
+
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (written into every run directory), without the session."""
         plain = dataclasses.asdict(dataclasses.replace(self, session=Session()))
@@ -446,13 +466,19 @@ class RunConfig:
     def train_key(self) -> str:
         """Hash of everything that determines the trained weights (not the evaluation sizes).
 
-        Training fields at their dataclass default are left out (see :class:`TrainConfig`).
+        Training fields at their dataclass default are left out (see :class:`TrainConfig`), and
+        so are fields added to :class:`ModelSpec` after runs were stored.
         """
         payload = {k: v for k, v in self.as_dict().items() if k != "eval"}
         payload["train"] = {
             f.name: payload["train"][f.name]
             for f in fields(TrainConfig)
             if f.default is dataclasses.MISSING or getattr(self.train, f.name) != f.default
+        }
+        payload["model"] = {
+            f.name: payload["model"][f.name]
+            for f in fields(ModelSpec)
+            if not f.metadata.get("added") or getattr(self.model, f.name) != f.default
         }
         payload["revision"] = TRAINING_REVISION
         blob = json.dumps(payload, sort_keys=True).encode()
@@ -487,7 +513,8 @@ LARGE_MODEL = 1_000_000_000
 
 def local_model(directory: Path) -> ModelSpec:
     """The spec of a model directory: named after it, identified by its resolved path, with
-    the ``paper`` profile by default above :data:`LARGE_MODEL` parameters, else ``cpu``.
+    the ``paper`` profile by default above :data:`LARGE_MODEL` parameters, else ``cpu``; an
+    encoder if it is a sentence-transformers directory (``modules.json`` with a pooling).
 
     The resolved path (not a hash of the weights, which would read gigabytes on every resolve)
     makes the run key: the same directory finds its runs again, another one trains its own. A
@@ -511,11 +538,16 @@ def local_model(directory: Path) -> ModelSpec:
             f"{path}: cannot read the size of the weights ({type(err).__name__}: {err}); the "
             "files look damaged, download them again"
         ) from err
+    try:
+        encoder = encoder_pooling(path) is not None
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return ModelSpec(
         alias=path.name,
         source="local",
         default_profile="paper" if large else "cpu",
         hub_id=str(path),
+        kind="encoder" if encoder else "causal",
     )
 
 
@@ -534,6 +566,21 @@ def _choose(
 # Bumped whenever the training code changes what a configuration trains (revision 2: batches
 # bucketed by two token lengths), so the run store never serves an adapter of older code.
 TRAINING_REVISION = 2
+
+
+MODEL_KINDS = ("causal", "encoder")
+MODEL_SOURCES = ("gguf-package", "package", "hub", "local")
+
+ENCODER_SECTION = "encoder_train"
+"""The section of a profile whose training settings replace those of its ``train`` section for
+an encoder model (``lam: 0``, BERT's LoRA targets, SimKGC's batch and learning rate): one
+profile name (``smoke``, ``cpu``) serves both kinds of model."""
+
+
+def _encoder_train(profile: Mapping[str, Any]) -> dict[str, Any]:
+    """The training settings of ``profile`` for an encoder: its ``train`` section updated by
+    its :data:`ENCODER_SECTION`."""
+    return {**profile["train"], **profile.get(ENCODER_SECTION, {})}
 
 
 def _check_rules(values: Mapping[str, Any], where: str, origin: Origin) -> None:
@@ -621,6 +668,12 @@ def load_config(path: str | Path | None = None) -> Config:
     for name, prof in raw["profiles"].items():
         if not isinstance(prof, dict) or {"train", "eval"} - set(prof):
             raise ConfigError(f"{path}: profiles.{name} needs a `train` and an `eval` section")
+        extra = sorted(set(prof) - {"train", "eval", ENCODER_SECTION})
+        if extra:
+            raise ConfigError(
+                f"{path}: profiles.{name} has the unknown section(s) {extra}; valid sections: "
+                f"train, eval, {ENCODER_SECTION}"
+            )
     models = {
         alias: _build(ModelSpec, {"alias": alias, **spec}, f"{path}: models.{alias}")
         for alias, spec in raw["models"].items()
@@ -631,6 +684,14 @@ def load_config(path: str | Path | None = None) -> Config:
             if not isinstance(prof[section], dict):
                 raise ConfigError(f"{path}: profiles.{name}.{section} must be a mapping")
             _build(cls, prof[section], f"{path}: profiles.{name}.{section}")
+        if ENCODER_SECTION in prof:
+            if not isinstance(prof[ENCODER_SECTION], dict):
+                raise ConfigError(f"{path}: profiles.{name}.{ENCODER_SECTION} must be a mapping")
+            where = f"{path}: profiles.{name}.{ENCODER_SECTION}"
+            _build(TrainConfig, _encoder_train(prof), where)
+    for alias, spec in models.items():
+        _choose(spec.kind, MODEL_KINDS, "model kind", f"{path}: models.{alias}.kind: ")
+        _choose(spec.source, MODEL_SOURCES, "model source", f"{path}: models.{alias}.source: ")
     for alias, spec in models.items():
         _choose(
             spec.default_profile, profiles, "profile", f"{path}: models.{alias}.default_profile: "
@@ -686,19 +747,23 @@ def resolve(
             f"valid: {', '.join(sorted(train_fields | eval_fields))}"
         )
     prof = config.profiles[profile]
-    train = {**prof["train"], **{k: v for k, v in overrides.items() if k in train_fields}}
+    settings = _encoder_train(prof) if spec.is_encoder else prof["train"]
+    train = {**settings, **{k: v for k, v in overrides.items() if k in train_fields}}
     if train.get("precision") == "auto":
         train["precision"] = native_precision()
     ev = {**prof["eval"], **{k: v for k, v in overrides.items() if k in eval_fields}}
 
     def origin(section: str) -> Origin:
         def told(key: str) -> str:
+            where = section
+            if spec.is_encoder and section == "train" and key in prof.get(ENCODER_SECTION, {}):
+                where = ENCODER_SECTION
             if key in overrides:
                 return (
                     f"from the override {key}={overrides[key]!r} "
                     "(a notebook parameter or keyword argument of resolve)"
                 )
-            return f"from {config.path}: profiles.{profile}.{section}.{key}{chosen_by}"
+            return f"from {config.path}: profiles.{profile}.{where}.{key}{chosen_by}"
 
         return told
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import RunConfig
-from kalm.models import compute_dtype, embed_batch, mixed_precision
+from kalm.models import compute_dtype, embed_batch, mixed_precision, pooling_of
 from kalm.views import Batch, ViewBuilder, pad_batch
 
 __all__ = ["Encoder", "encode_ids", "encode_texts"]
@@ -72,11 +72,12 @@ def encode_texts(
     progress: bool = False,
     desc: str = "texts",
 ) -> torch.Tensor:
-    """Embeddings of plain texts, cut to ``max_length`` tokens. No BOS/EOS is added (the recipe's
-    views end with a closing bracket, which is the pooled token) and the LM head is never run."""
+    """Embeddings of plain texts, cut to ``max_length`` tokens. A causal LM's get no BOS/EOS (the
+    recipe's views end with a closing bracket, which is the pooled token) and the LM head is never
+    run; an encoder's get its special tokens (``[CLS] text [SEP]``), as its views do."""
     ids = tokenizer(
         list(texts),
-        add_special_tokens=False,
+        add_special_tokens=pooling_of(model) == "mean",
         truncation=max_length is not None,
         max_length=max_length,
     )["input_ids"]

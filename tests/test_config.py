@@ -120,7 +120,7 @@ def test_kalm_profile_overrides_auto_but_not_an_explicit_profile(
     [
         (
             {"model": "gpt5"},
-            r"unknown model 'gpt5'; valid models: smollm2, llama2, llama3, mistral",
+            r"unknown model 'gpt5'; valid models: smollm2, minilm, llama2, llama3, mistral",
         ),
         ({"dataset": "yago"}, r"unknown dataset 'yago'; valid datasets: wn18rr, fb15k237"),
         ({"profile": "huge"}, r"unknown profile 'huge'; valid profiles: smoke, cpu, paper"),
@@ -524,6 +524,7 @@ def test_fields_at_their_default_keep_the_training_key() -> None:
     del payload["train"]["warmup_steps"], payload["train"]["precision"]
     for name in later:
         del payload["train"][name]
+    del payload["model"]["kind"]  # a field of ModelSpec added later, likewise
     payload["revision"] = config.TRAINING_REVISION
     blob = json.dumps(payload, sort_keys=True).encode()
     assert cfg.train_key() == hashlib.sha256(blob).hexdigest()[:12]
@@ -654,3 +655,12 @@ def test_the_read_check_finds_an_unread_field() -> None:
     used = "import torch\n\ndef fit(cfg):\n    return torch.compile(cfg.train.lr)\n"
     assert unread_fields((Synthetic,), [used]) == ["Synthetic.compile"]
     assert unread_fields((Synthetic,), [used, "step = run.train.compile\n"]) == []
+
+
+def test_an_encoders_key_follows_its_kind() -> None:
+    """A spec's ``kind`` is left out of the key only at its default (see the test above)."""
+    encoder = resolve(model="minilm", profile="smoke")
+    as_causal = dataclasses.replace(
+        encoder, model=dataclasses.replace(encoder.model, kind="causal")
+    )
+    assert encoder.train_key() != as_causal.train_key()
