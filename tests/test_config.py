@@ -53,8 +53,9 @@ def write_config(tmp_path: Path, edit: dict) -> Path:
 def test_models_and_datasets() -> None:
     config = load_config()
     assert config.default_model == "smollm2"
-    assert set(config.models) == {"smollm2", *HUB_IDS}
+    assert set(config.models) == {"smollm2", "minilm", *HUB_IDS}
     assert config.models["smollm2"].default_profile == "cpu"
+    assert config.models["minilm"].is_encoder and not config.models["smollm2"].is_encoder
     for alias, hub_id in HUB_IDS.items():
         spec = config.model(alias)
         assert (spec.source, spec.hub_id, spec.default_profile) == ("hub", hub_id, "paper")

@@ -381,7 +381,7 @@ def test_a_damaged_converted_model_is_converted_again(
         return tiny_llama(len(tokenizer)), tokenizer
 
     monkeypatch.setenv("KALM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_gguf_file", lambda spec: gguf)
+    monkeypatch.setattr(models, "_package_path", lambda spec: gguf)
     monkeypatch.setattr(models, "_dequantise", dequantise)
     spec = load_config().model("smollm2")
     first = models._converted_dir(spec)
