@@ -47,6 +47,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_json",
+    "atomic_write_jsonl",
     "atomic_write_text",
     "atomic_writer",
     "lock_directory",
@@ -187,6 +188,12 @@ def read_json(path: Path, *, directory: Path | None = None, remedy: str = _DEFAU
         raise RunStoreError(directory, path, "is missing", remedy) from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise RunStoreError(directory, path, f"is not valid JSON ({err})", remedy) from err
+
+
+def atomic_write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """Replace the JSONL log ``path`` by ``records``, one line each, in the format of
+    :func:`append_jsonl` (atomically: a kill leaves the old log)."""
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:

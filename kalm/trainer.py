@@ -17,7 +17,6 @@ top of the library and nothing imports it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import pickle
 import time
@@ -43,7 +42,12 @@ from transformers import get_cosine_schedule_with_warmup
 from kalm.batching import iterate_batches, micro_batches
 from kalm.config import ConfigError, RunConfig, TrainConfig
 from kalm.data import KnowledgeGraph
-from kalm.durable import RunStoreError, append_jsonl, atomic_torch_save, atomic_write_text
+from kalm.durable import (
+    RunStoreError,
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_jsonl,
+)
 from kalm.encoder import Encoder
 from kalm.losses import (
     dual_view_logits,
@@ -227,11 +231,6 @@ _DIVERGED = (
     "The run is not marked done and its last good checkpoint is kept; lower lr or change "
     "tau, margin or lam, which starts a run of its own."
 )
-
-
-def _rewrite_jsonl(path: Any, records: Sequence[dict[str, Any]]) -> None:
-    """Replace the JSON-lines file ``path`` by ``records`` (atomically)."""
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 class TrainingDiverged(ArithmeticError):
@@ -587,11 +586,11 @@ class Trainer:
         main = self.accelerator.is_main_process
         if main:  # what was logged after the checkpoint is recomputed identically; drop it
             log = [r for r in self.run.train_log(repair=True) if r["step"] <= self.step_count]
-            _rewrite_jsonl(self.run.train_log_path, log)
+            atomic_write_jsonl(self.run.train_log_path, log)
             curve = self.run.learning_curve(repair=True)
             curve = [r for r in curve if r["step"] <= self.step_count]
             if curve or self.run.curve_path.exists():
-                _rewrite_jsonl(self.run.curve_path, curve)
+                atomic_write_jsonl(self.run.curve_path, curve)
             self._curve_done = {int(r["step"]) for r in curve}
         if self.step_count in self.curve_at:
             self._curve_point()

@@ -126,6 +126,7 @@ def rank_both_directions(
     heads, rels, tails = triples.T
     ranks: dict[str, Ranks] = {}
     wins = []
+    unit_e = F.normalize(entities.float(), dim=-1)  # once, for both directions
     for direction, e, r, gold in (
         ("tail", heads, rels, tails),
         ("head", tails, rels + kg.num_relations, heads),
@@ -150,7 +151,6 @@ def rank_both_directions(
             progress=progress,
         )
         unit_q = F.normalize(queries.float(), dim=-1)
-        unit_e = F.normalize(entities.float(), dim=-1)
         own = (unit_q * unit_e[position[e]]).sum(1)
         right = (unit_q * unit_e[position[gold]]).sum(1)
         wins.append(((own > right) & torch.from_numpy(e != gold)).numpy())
